@@ -1,0 +1,79 @@
+"""Make RecBole 1.2.1 run on today's numpy 2, pandas 3 and torch >= 2.6.
+
+RecBole 1.2.1 is the last release and is not maintained for these versions. We pin
+RecBole exactly (``recbole==1.2.1`` in pyproject.toml) and patch the three places that
+break, each with the smallest change that restores RecBole's own intent:
+
+1. numpy 2 removed ``np.float_``, ``np.complex_`` and ``np.unicode_``. RecBole's
+   ``Config.compatibility_settings`` reads them to re-create the legacy aliases
+   (``np.float``, ``np.int`` ...) that its metrics code still uses, so ``Config()``
+   raises ``AttributeError``. We replace that method with one that builds the same
+   aliases from names that exist in numpy 1 and 2.
+2. pandas 3 turns on copy-on-write, which makes ``df[col].fillna(..., inplace=True)``
+   a silent no-op. RecBole's ``Dataset._fill_nan`` relies on it, so NaNs would survive
+   into the id remapping. We replace it with the same logic written as assignments.
+3. torch >= 2.6 loads with ``weights_only=True`` by default, and RecBole pickles its
+   whole ``Config`` into checkpoints. That is handled where checkpoints are written:
+   :mod:`ssd4rec.trainer` saves plain values only, so nothing is patched here.
+
+``apply()`` is idempotent and is called when :mod:`ssd4rec` is imported.
+"""
+
+import numpy as np
+
+_LEGACY_NUMPY_ALIASES = {
+    "bool": np.bool_,
+    "int": np.int64,
+    "float": np.float64,
+    "complex": np.complex128,
+    "object": np.object_,
+    "str": np.str_,
+    "long": np.int64,
+    "unicode": np.str_,
+}
+
+_applied = False
+
+
+def _compatibility_settings(self):
+    """Replacement for ``recbole.config.Config.compatibility_settings``."""
+    for name, dtype in _LEGACY_NUMPY_ALIASES.items():
+        # np.bool and np.str exist again in numpy 2 with the right meaning; keep them.
+        if not hasattr(np, name):
+            setattr(np, name, dtype)
+
+
+def _fill_nan(self):
+    """Replacement for ``recbole.data.dataset.Dataset._fill_nan`` that survives copy-on-write.
+
+    Token fields get 0 (RecBole's padding id), float fields the column mean, and
+    sequence fields an empty array, exactly as RecBole intends.
+    """
+    from recbole.utils import FeatureType
+
+    for feat_name in self.feat_name_list:
+        feat = getattr(self, feat_name)
+        for field in feat:
+            ftype = self.field2type[field]
+            if ftype == FeatureType.TOKEN:
+                feat[field] = feat[field].fillna(value=0)
+            elif ftype == FeatureType.FLOAT:
+                feat[field] = feat[field].fillna(value=feat[field].mean())
+            else:
+                dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
+                feat[field] = feat[field].apply(
+                    lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x
+                )
+
+
+def apply():
+    """Patch RecBole in place (once per process)."""
+    global _applied
+    if _applied:
+        return
+    from recbole.config import Config
+    from recbole.data.dataset import Dataset
+
+    Config.compatibility_settings = _compatibility_settings
+    Dataset._fill_nan = _fill_nan
+    _applied = True

@@ -1,0 +1,141 @@
+"""Configuration: config.yaml, then datasets/<dataset>.yaml, then --key=value overrides.
+
+RecBole's ``Config`` does the merging with its own defaults underneath; this module
+decides which files take part, parses the command line itself (RecBole would read
+``sys.argv`` on its own, wherever it is called from), and checks the values the
+model depends on so that a bad value fails here with the key's name, not deep
+inside RecBole or PyTorch.
+"""
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from ssd4rec.errors import SSD4RecError
+
+
+def parse_overrides(argv):
+    """['--dataset=ml-1m', '--hidden_size=64'] -> {'dataset': 'ml-1m', 'hidden_size': 64}.
+
+    Values are read as YAML scalars, lists or mappings, like the config files.
+    """
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SSD4RecError(f"command-line argument {arg!r}: expected --key=value (e.g. --dataset=ml-1m)")
+        key, text = arg[2:].split("=", 1)
+        if not key:
+            raise SSD4RecError(f"command-line argument {arg!r}: the key is empty")
+        try:
+            overrides[key] = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            overrides[key] = text
+    return overrides
+
+
+def read_yaml(path):
+    """A config file as a dict; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SSD4RecError(f"config file {path} does not exist")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SSD4RecError(f"config file {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise SSD4RecError(f"config file {path}: expected a mapping of key: value lines")
+    return content
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _fraction(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# key -> (check, what was expected). Only keys that a model or the data pipeline
+# reads directly; RecBole checks its own.
+CHECKS = {
+    "hidden_size": (_positive_int, "a positive integer"),
+    "num_layers": (_positive_int, "a positive integer"),
+    "d_state": (_positive_int, "a positive integer"),
+    "d_conv": (_positive_int, "a positive integer"),
+    "expand": (_positive_int, "a positive integer"),
+    "headdim": (_positive_int, "a positive integer"),
+    "chunk_size": (_positive_int, "a positive integer"),
+    "MAX_ITEM_LIST_LENGTH": (_positive_int, "a positive integer"),
+    "train_batch_size": (_positive_int, "a positive integer"),
+    "eval_batch_size": (_positive_int, "a positive integer"),
+    "epochs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "stopping_step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "dropout_prob": (_fraction, "a number in [0, 1)"),
+    "maskratio": (_fraction, "a number in [0, 1)"),
+    "beta": (_number, "a number"),
+    "learning_rate": (lambda v: _number(v) and v > 0, "a positive number"),
+    "layer_norm_eps": (lambda v: _number(v) and v > 0, "a positive number"),
+    "norm_embedding": (lambda v: isinstance(v, bool), "True or False"),
+    "var_len": (lambda v: isinstance(v, bool), "True or False"),
+    "shared_directions": (lambda v: isinstance(v, bool), "True or False"),
+    "align_backward": (lambda v: isinstance(v, bool), "True or False"),
+    "backend": (lambda v: v in ("auto", "torch", "triton"), "one of auto, torch, triton"),
+}
+
+
+def check_values(values, source="config"):
+    """Raise SSD4RecError for the first value that is not what its key expects."""
+    for key, (ok, expected) in CHECKS.items():
+        if key in values and values[key] is not None and not ok(values[key]):
+            raise SSD4RecError(f"{source} key {key!r}: expected {expected}, got {values[key]!r}")
+    if all(k in values for k in ("hidden_size", "expand", "headdim")):
+        inner = values["hidden_size"] * values["expand"]
+        if inner % values["headdim"]:
+            raise SSD4RecError(
+                f"{source} keys 'hidden_size'*'expand' = {inner} must be a multiple of 'headdim' = {values['headdim']}"
+            )
+
+
+def collect_values(config_file, datasets_dir, overrides):
+    """Merge config.yaml, the dataset's YAML (if any) and the overrides, in that order.
+
+    Returns (values, config_files): the merged dict and the files that took part.
+    """
+    files = [Path(overrides.get("config_file") or config_file)]
+    values = read_yaml(files[0])
+    dataset = overrides.get("dataset", values.get("dataset"))
+    if not dataset or not isinstance(dataset, str):
+        raise SSD4RecError(f"config key 'dataset': expected a dataset name, got {dataset!r}")
+    dataset_file = Path(datasets_dir) / f"{dataset}.yaml"
+    if dataset_file.is_file():
+        files.append(dataset_file)
+        values.update(read_yaml(dataset_file))
+    values.update({k: v for k, v in overrides.items() if k != "config_file"})
+    check_values(values)
+    return values, files
+
+
+def make_recbole_config(model, dataset, values):
+    """A RecBole Config from already merged values (RecBole adds its own defaults).
+
+    ``model`` is a class for our models and a name for RecBole's.
+    """
+    from recbole.config import Config
+
+    argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole parses sys.argv itself; we already did
+    try:
+        values = {k: v for k, v in values.items() if k not in ("model", "dataset")}
+        return Config(model=model, dataset=dataset, config_dict=values)
+    except (ValueError, KeyError, TypeError, NotImplementedError) as err:
+        raise SSD4RecError(f"RecBole rejected the configuration: {err}") from None
+    finally:
+        sys.argv = argv

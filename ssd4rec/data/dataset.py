@@ -1,0 +1,74 @@
+"""RecBole dataset whose samples point into a shared history store instead of copying it.
+
+RecBole's ``SequentialDataset`` materialises every prefix as a padded row of
+``MAX_ITEM_LIST_LENGTH`` items: O(#interactions x L) memory, and truncation. Here
+each sample keeps two integers (where its target sits in the store, and how many
+items before it form its history); the store itself is the sorted interaction
+list. RecBole's own leave-one-out split, samplers, dataloaders and evaluator work
+on these rows unchanged.
+"""
+
+import torch
+from recbole.data.dataset import SequentialDataset
+from recbole.data.interaction import Interaction
+from recbole.utils import FeatureSource, FeatureType
+
+from ssd4rec.data.packing import history_bounds
+
+HISTORY_END_FIELD = "history_end"
+
+
+class PackedSequentialDataset(SequentialDataset):
+    """Sequential dataset for sequence-register packing.
+
+    After ``build()``, every split shares:
+      history_item: (N,) item id of every interaction, sorted by (user, time)
+      history_time: (N,) float timestamps, same order
+    and each row of ``inter_feat`` holds the user, the target item and its
+    timestamp, ``history_end`` (the target's index in the store) and
+    ``item_length`` (the history length). With ``var_len: True`` the history is
+    the user's whole past; otherwise its last ``MAX_ITEM_LIST_LENGTH`` items.
+    """
+
+    def _change_feat_format(self):
+        # RecBole stores float fields as float32, which rounds unix seconds to ~2
+        # minutes. Sort while the frame is still pandas and keep float64 times;
+        # the stable re-sort in data_augmentation then leaves this order intact.
+        self._check_field("uid_field", "time_field")
+        self.inter_feat = self.inter_feat.sort_values(
+            [self.uid_field, self.time_field], kind="stable", ignore_index=True
+        )
+        self._exact_time = torch.from_numpy(
+            self.inter_feat[self.time_field].to_numpy(dtype="float64", copy=True)
+        )
+        super()._change_feat_format()
+
+    def data_augmentation(self):
+        self.sort(by=[self.uid_field, self.time_field], ascending=True)
+
+        max_length = None if self.config["var_len"] else self.max_item_list_len
+        user_ids = self.inter_feat[self.uid_field]
+        history_end, lengths = history_bounds(user_ids, max_length)
+        self.history_item = self.inter_feat[self.iid_field].clone()
+        self.history_time = self._exact_time
+
+        # The first interaction of a user has no history, so it is never a target.
+        has_history = lengths > 0
+        samples = self.inter_feat[has_history.nonzero().squeeze(1)]
+        samples.update(
+            Interaction(
+                {
+                    self.item_list_length_field: lengths[has_history],
+                    HISTORY_END_FIELD: history_end[has_history],
+                }
+            )
+        )
+        for field in (self.item_list_length_field, HISTORY_END_FIELD):
+            self.set_field_property(field, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
+        self.inter_feat = samples
+
+    def history_store(self):
+        """(history_item (N,), history_time (N,)) shared by every split."""
+        if not hasattr(self, "history_item"):
+            raise RuntimeError("the history store exists only after build()")
+        return self.history_item, self.history_time

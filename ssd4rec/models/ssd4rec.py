@@ -1,0 +1,117 @@
+"""SSD4Rec as a RecBole sequential recommender.
+
+Reference:
+    Haohao Qu, Yifeng Zhang, Liangbo Ning, Wenqi Fan, Qing Li.
+    "SSD4Rec: A Structured State Space Duality Model for Efficient Sequential
+    Recommendation." arXiv:2409.01192, 2024.
+
+Histories are packed into one stream with no padding (sequence registers, see
+:mod:`ssd4rec.data.packing`); the Bi-SSD encoder never mixes sequences; the output
+at each sequence's last token is scored against every item with cross-entropy.
+Item id 0 is RecBole's padding id; it has a trainable embedding and doubles as the
+mask token of training-time item masking, as in the official code.
+"""
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
+
+from ssd4rec.data.dataset import HISTORY_END_FIELD
+from ssd4rec.data.packing import pack_batch
+from ssd4rec.errors import SSD4RecError
+from ssd4rec.modules.bissd import BiSSDEncoder
+
+MASK_TOKEN = 0
+
+
+class SSD4Rec(SequentialRecommender):
+    """Bidirectional SSD (Mamba2) sequential recommender over packed histories.
+
+    Config keys: hidden_size, num_layers, d_state, d_conv, expand, headdim,
+    chunk_size, dropout_prob, beta, norm_embedding, maskratio, var_len,
+    shared_directions, align_backward, layer_norm_eps, backend.
+    """
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        if not hasattr(dataset, "history_store"):
+            raise SSD4RecError(
+                "SSD4Rec needs a ssd4rec.data.PackedSequentialDataset (got "
+                f"{type(dataset).__name__}); build datasets with ssd4rec.data.build_dataset"
+            )
+        self.hidden_size = config["hidden_size"]
+        self.mask_ratio = config["maskratio"]
+        self.norm_embedding = config["norm_embedding"]
+
+        self.item_embedding = nn.Embedding(self.n_items, self.hidden_size)
+        self.emb_dropout = nn.Dropout(config["dropout_prob"])
+        self.emb_layer_norm = nn.LayerNorm(self.hidden_size, eps=config["layer_norm_eps"])
+        self.encoder = BiSSDEncoder(
+            d_model=self.hidden_size,
+            num_layers=config["num_layers"],
+            d_state=config["d_state"],
+            d_conv=config["d_conv"],
+            expand=config["expand"],
+            headdim=config["headdim"],
+            chunk_size=config["chunk_size"],
+            dropout=config["dropout_prob"],
+            beta=config["beta"],
+            shared_directions=config["shared_directions"],
+            align_backward=config["align_backward"],
+            layer_norm_eps=config["layer_norm_eps"],
+            backend=config["backend"],
+        )
+        self.loss_fct = nn.CrossEntropyLoss()
+
+        # The history store travels with the model to its device so that batches
+        # are packed there; it is data, not weights, so checkpoints leave it out.
+        history_item, history_time = dataset.history_store()
+        self.register_buffer("history_item", history_item, persistent=False)
+        self.register_buffer("history_time", history_time, persistent=False)
+
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """Truncation-free normal(0, 0.02) init of RecBole's SASRec, as the official code."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def pack(self, interaction):
+        """Build the packed batch of an interaction batch (masking only in training)."""
+        return pack_batch(
+            self.history_item,
+            self.history_time,
+            interaction[HISTORY_END_FIELD],
+            interaction[self.ITEM_SEQ_LEN],
+            targets=interaction[self.POS_ITEM_ID] if self.POS_ITEM_ID in interaction else None,
+            mask_ratio=self.mask_ratio if self.training else 0.0,
+            mask_token=MASK_TOKEN,
+        )
+
+    def forward(self, packed):
+        """packed: PackedBatch with T tokens, B sequences -> (B, hidden_size)"""
+        x = self.item_embedding(packed.items)
+        if self.norm_embedding:
+            x = self.emb_layer_norm(self.emb_dropout(x))
+        x = self.encoder(x, packed.cu_seqlens, packed.seq_idx, packed.reverse_index)
+        return x[packed.last_index]
+
+    def calculate_loss(self, interaction):
+        packed = self.pack(interaction)
+        seq_output = self.forward(packed)
+        logits = seq_output @ self.item_embedding.weight.T
+        return self.loss_fct(logits, packed.targets)
+
+    def predict(self, interaction):
+        seq_output = self.forward(self.pack(interaction))
+        test_item_emb = self.item_embedding(interaction[self.ITEM_ID])
+        return (seq_output * test_item_emb).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        seq_output = self.forward(self.pack(interaction))
+        return seq_output @ self.item_embedding.weight.T

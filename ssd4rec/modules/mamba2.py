@@ -1,0 +1,137 @@
+"""The SSD mixer: a Mamba2 block that runs on packed streams on any device.
+
+Parameter names and shapes equal ``mamba_ssm.modules.mamba2.Mamba2`` (ngroups=1 or
+more, no MLP split, rmsnorm=True), so a state_dict loads in either direction:
+
+  in_proj:  Linear(d_model, 2*d_inner + 2*ngroups*d_state + nheads)  -> z, xBC, dt
+  conv1d:   depthwise causal Conv1d over xBC, width d_conv
+  dt_bias, A_log, D: (nheads,)
+  norm:     gated RMSNorm over d_inner (weight (d_inner,))
+  out_proj: Linear(d_inner, d_model)
+
+The scan and the convolution take ``seq_idx`` so that neither the state nor the
+convolution window crosses from one packed sequence into the next.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssd4rec.ops import causal_conv1d, ssd_scan
+
+
+class GatedRMSNorm(nn.Module):
+    """y = rmsnorm(x * silu(z)) * weight, normalised per group of ``group_size`` channels.
+
+    Same maths and parameter as mamba_ssm's ``RMSNormGated`` with norm_before_gate=False.
+    """
+
+    def __init__(self, hidden_size, eps=1e-5, group_size=None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size or hidden_size
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x, z=None):
+        """x, z: (..., hidden_size) -> (..., hidden_size)"""
+        dtype = x.dtype
+        x = x.float()
+        if z is not None:
+            x = x * F.silu(z.float())
+        grouped = x.unflatten(-1, (-1, self.group_size))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (grouped.flatten(-2) * self.weight.float()).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2 (SSD) mixer over packed sequences.
+
+    Input u: (b, l, d_model) with seq_idx: (b, l) int32 (non-decreasing per row);
+    output (b, l, d_model). d_inner = expand * d_model, nheads = d_inner / headdim.
+    """
+
+    def __init__(
+        self,
+        d_model,
+        d_state=64,
+        d_conv=4,
+        expand=2,
+        headdim=16,
+        ngroups=1,
+        chunk_size=256,
+        A_init_range=(1, 16),
+        dt_min=0.001,
+        dt_max=0.1,
+        dt_init_floor=1e-4,
+        dt_limit=(0.0, float("inf")),
+        bias=False,
+        conv_bias=True,
+        backend="auto",
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"expand*d_model={self.d_inner} must be a multiple of headdim={headdim}")
+        self.headdim = headdim
+        self.nheads = self.d_inner // headdim
+        self.ngroups = ngroups
+        self.chunk_size = chunk_size
+        self.dt_limit = tuple(dt_limit)
+        self.backend = backend
+
+        conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, bias=conv_bias)
+
+        # dt starts log-uniform in [dt_min, dt_max]; dt_bias stores softplus^-1 of it.
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.empty(self.nheads).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for name in ("dt_bias", "A_log", "D"):
+            getattr(self, name)._no_weight_decay = True
+
+        self.norm = GatedRMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def forward(self, u, seq_idx=None):
+        """u: (b, l, d_model), seq_idx: (b, l) int32 or None -> (b, l, d_model)"""
+        batch, length, _ = u.shape
+        z, xBC, dt = torch.split(
+            self.in_proj(u),
+            [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads],
+            dim=-1,
+        )
+        xBC = causal_conv1d(
+            xBC.transpose(1, 2),
+            self.conv1d.weight.squeeze(1),
+            self.conv1d.bias,
+            seq_idx=seq_idx,
+            activation="silu",
+            backend=self.backend,
+        ).transpose(1, 2)
+        x, B, C = torch.split(
+            xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
+        )
+        y = ssd_scan(
+            x.reshape(batch, length, self.nheads, self.headdim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.reshape(batch, length, self.ngroups, self.d_state),
+            C.reshape(batch, length, self.ngroups, self.d_state),
+            self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            seq_idx=seq_idx,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+            backend=self.backend,
+        )
+        y = self.norm(y.reshape(batch, length, self.d_inner), z)
+        return self.out_proj(y)

@@ -1,0 +1,131 @@
+"""One training (or evaluation) run, end to end: what ``python main.py`` does.
+
+config -> dataset (built from raw files if missing) -> RecBole split and
+dataloaders -> model -> RecBole training loop with early stopping on validation
+-> test metrics from RecBole's evaluator. Returns the metrics as a dict.
+"""
+
+import logging
+from pathlib import Path
+
+from ssd4rec import compat
+from ssd4rec.config import collect_values, make_recbole_config, parse_overrides
+from ssd4rec.data.atomic import check_inter_file
+from ssd4rec.data.dataset import PackedSequentialDataset
+from ssd4rec.data.sources import ensure_dataset
+from ssd4rec.errors import SSD4RecError
+from ssd4rec.models import MODELS
+from ssd4rec.trainer import Trainer, load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# What a checkpoint decides about a run it is loaded into: the architecture and
+# the data it was trained on, so that `--checkpoint=PATH` alone rebuilds the model.
+CHECKPOINT_KEYS = (
+    "dataset", "hidden_size", "num_layers", "d_state", "d_conv", "expand", "headdim",
+    "chunk_size", "norm_embedding", "shared_directions", "align_backward", "layer_norm_eps",
+    "var_len", "MAX_ITEM_LIST_LENGTH", "inner_size", "n_layers", "n_heads", "embedding_size",
+)
+
+
+def resolve_model(name):
+    """Our model class for our names, RecBole's model name for its own."""
+    if name in MODELS:
+        return MODELS[name]
+    from recbole.utils import get_model
+
+    try:
+        get_model(name)
+    except (ValueError, ImportError, AttributeError):
+        known = ", ".join(sorted(MODELS))
+        raise SSD4RecError(
+            f"config key 'model': unknown model {name!r}; expected one of {known} or a RecBole model name"
+        ) from None
+    return name
+
+
+def build_dataset(config, model):
+    """Our packed dataset for our models, RecBole's own for RecBole's."""
+    if isinstance(model, str):
+        from recbole.data import create_dataset
+
+        return create_dataset(config)
+    return PackedSequentialDataset(config)
+
+
+def run(argv, root=REPO_ROOT):
+    compat.apply()
+    from recbole.data import data_preparation
+    from recbole.utils import get_model, init_logger, init_seed
+
+    overrides = parse_overrides(argv)
+    checkpoint_path = overrides.pop("checkpoint", None)
+    checkpoint = None
+    if checkpoint_path is not None:
+        checkpoint = load_checkpoint(checkpoint_path)
+        saved = {k: checkpoint["config"][k] for k in CHECKPOINT_KEYS if k in checkpoint["config"]}
+        overrides = {"model": checkpoint["model"], **saved, **overrides}
+
+    values, _ = collect_values(root / "config.yaml", root / "datasets", overrides)
+    model_name = values.get("model") or "SSD4Rec"
+    model_class = resolve_model(model_name)
+    if checkpoint is not None and checkpoint["model"] != model_name:
+        raise SSD4RecError(
+            f"checkpoint {checkpoint_path} was saved by model {checkpoint['model']!r}, "
+            f"but --model={model_name}"
+        )
+    dataset_name = values["dataset"]
+    values["data_path"] = ensure_dataset(
+        dataset_name, values.get("data_path") or "datasets/", raw=values.get("raw"), download=bool(values.get("download"))
+    )
+    check_inter_file(Path(values["data_path"]) / dataset_name / f"{dataset_name}.inter")
+
+    config = make_recbole_config(model_class, dataset_name, values)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = logging.getLogger()
+    logger.info(config)
+
+    dataset = build_dataset(config, model_class)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"], config["reproducibility"])
+    model_cls = get_model(model_class) if isinstance(model_class, str) else model_class
+    model = model_cls(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+
+    resume = checkpoint is not None and "optimizer" in checkpoint and not checkpoint.get("finished", False)
+    if checkpoint is not None:
+        run_dir = Path(checkpoint_path).resolve().parent
+    else:
+        from recbole.utils import get_local_time
+
+        run_dir = Path(config["checkpoint_dir"]) / f"{model_name}-{dataset_name}-{get_local_time()}"
+    trainer = Trainer(config, model, run_dir)
+    show_progress = bool(config["show_progress"])
+
+    if checkpoint is None or resume:
+        if resume:
+            trainer.resume_checkpoint(checkpoint_path)
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=True, show_progress=show_progress
+        )
+        model_file = trainer.saved_model_file
+    else:
+        model_file = checkpoint_path
+        best_valid_result = trainer.evaluate(valid_data, load_best_model=True, model_file=model_file)
+        best_valid_score = None
+    test_result = trainer.evaluate(test_data, load_best_model=True, model_file=model_file, show_progress=show_progress)
+
+    result = {
+        "model": model_name,
+        "dataset": dataset_name,
+        "best_valid_score": None if best_valid_score is None else float(best_valid_score),
+        "best_valid_result": {k: float(v) for k, v in (best_valid_result or {}).items()},
+        "test_result": {k: float(v) for k, v in (test_result or {}).items()},
+        "checkpoint": str(model_file),
+    }
+    logger.info(f"best valid: {result['best_valid_result']}")
+    logger.info(f"test result: {result['test_result']}")
+    return result

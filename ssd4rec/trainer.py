@@ -1,0 +1,161 @@
+"""RecBole's Trainer with checkpoints that are safe to load and a run that resumes.
+
+RecBole 1.2.1 pickles its whole ``Config`` object into checkpoints, which
+``torch.load`` refuses by default since torch 2.6. Ours hold only tensors and
+plain values, load with ``weights_only=True``, and are written to a temporary file
+then renamed, so a crash never leaves half a checkpoint.
+
+A run directory holds two files:
+  best.pth  the weights of the best validation epoch (what test metrics use)
+  last.pth  the full training state after the latest validation, for resuming
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.trainer import Trainer as RecBoleTrainer
+
+from ssd4rec.errors import SSD4RecError
+
+
+def plain_values(config):
+    """The config's values that are plain Python data (what weights_only accepts)."""
+
+    def plain(value):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            return value.item()
+        if isinstance(value, (list, tuple)):
+            items = [plain(v) for v in value]
+            return None if any(i is _SKIP for i in items) else items
+        if isinstance(value, dict):
+            items = {str(k): plain(v) for k, v in value.items()}
+            return None if any(i is _SKIP for i in items.values()) else items
+        return _SKIP
+
+    values = {}
+    for key, value in config.final_config_dict.items():
+        converted = plain(value)
+        if converted is not _SKIP:
+            values[key] = converted
+    return values
+
+
+_SKIP = object()
+
+
+def atomic_save(obj, path):
+    """torch.save through a temporary file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by this trainer; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise SSD4RecError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or damaged files
+        raise SSD4RecError(
+            f"checkpoint {path} could not be read as an ssd4rec checkpoint "
+            f"(it must load with torch.load(weights_only=True)): {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"model", "state_dict", "config"} <= checkpoint.keys():
+        raise SSD4RecError(f"checkpoint {path} is not an ssd4rec checkpoint (no model/state_dict/config)")
+    return checkpoint
+
+
+def load_weights(model, checkpoint, path):
+    """Load a checkpoint's weights into model; mismatches name the checkpoint."""
+    expected = type(model).__name__
+    if checkpoint["model"] != expected:
+        raise SSD4RecError(
+            f"checkpoint {path} was saved by model {checkpoint['model']!r}, but the model is {expected!r}"
+        )
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise SSD4RecError(
+            f"checkpoint {path} does not fit this {expected} configuration: {str(err).splitlines()[1:3]}"
+        ) from None
+
+
+class Trainer(RecBoleTrainer):
+    """RecBole's training loop and evaluator with weights-only checkpoints in ``run_dir``."""
+
+    def __init__(self, config, model, run_dir):
+        super().__init__(config, model)
+        self.run_dir = Path(run_dir)
+        self.saved_model_file = str(self.run_dir / "best.pth")
+        self.last_file = self.run_dir / "last.pth"
+        self.config_values = plain_values(config)
+
+    def _state(self, epoch, with_training_state):
+        state = {
+            "model": type(self.model).__name__,
+            "config": self.config_values,
+            "epoch": epoch,
+            "state_dict": self.model.state_dict(),
+        }
+        if with_training_state:
+            state.update(
+                cur_step=self.cur_step,
+                best_valid_score=float(self.best_valid_score),
+                best_valid_result={k: float(v) for k, v in (self.best_valid_result or {}).items()},
+                optimizer=self.optimizer.state_dict(),
+                finished=False,
+            )
+        return state
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """RecBole calls this when validation improves: the best weights."""
+        path = kwargs.pop("saved_model_file", self.saved_model_file)
+        atomic_save(self._state(epoch, with_training_state=False), path)
+        if verbose:
+            self.logger.info(f"Saving best: {path}")
+
+    def _save_last(self, epoch, valid_score=None):
+        atomic_save(self._state(epoch, with_training_state=True), self.last_file)
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        def after_validation(epoch, valid_score):
+            if saved:
+                self._save_last(epoch)
+            if callback_fn:
+                callback_fn(epoch, valid_score)
+
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+        if saved and self.last_file.exists():
+            state = load_checkpoint(self.last_file)
+            state["finished"] = True
+            atomic_save(state, self.last_file)
+        return result
+
+    def resume_checkpoint(self, resume_file):
+        """Continue an unfinished run from its last.pth (same run directory)."""
+        checkpoint = load_checkpoint(resume_file, map_location=self.device)
+        if "optimizer" not in checkpoint:
+            raise SSD4RecError(f"checkpoint {resume_file} holds weights only; resume from the run's last.pth")
+        load_weights(self.model, checkpoint, resume_file)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.best_valid_result = checkpoint["best_valid_result"]
+        self.logger.info(f"Resuming from {resume_file} at epoch {self.start_epoch}")
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model:
+            path = model_file or self.saved_model_file
+            load_weights(self.model, load_checkpoint(path, map_location=self.device), path)
+            self.logger.info(f"Loaded weights from {path}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
