@@ -76,7 +76,11 @@ def run(argv, root=REPO_ROOT):
         )
     dataset_name = values["dataset"]
     values["data_path"] = ensure_dataset(
-        dataset_name, values.get("data_path") or "datasets/", raw=values.get("raw"), download=bool(values.get("download"))
+        dataset_name,
+        values.get("data_path") or "datasets/",
+        raw=values.get("raw"),
+        download=bool(values.get("download")),
+        options=values,
     )
     check_inter_file(Path(values["data_path"]) / dataset_name / f"{dataset_name}.inter")
 
