@@ -112,6 +112,10 @@ def collect_values(config_file, datasets_dir, overrides):
     """
     files = [Path(overrides.get("config_file") or config_file)]
     values = read_yaml(files[0])
+    # A relative data_path in a config file means "next to that file", so that
+    # `python main.py` works from any directory; on the command line it is cwd's.
+    if isinstance(values.get("data_path"), str) and not Path(values["data_path"]).is_absolute():
+        values["data_path"] = str(files[0].resolve().parent / values["data_path"])
     dataset = overrides.get("dataset", values.get("dataset"))
     if not dataset or not isinstance(dataset, str):
         raise SSD4RecError(f"config key 'dataset': expected a dataset name, got {dataset!r}")
