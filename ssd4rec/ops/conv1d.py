@@ -1,0 +1,126 @@
+"""Depthwise causal conv1d that never mixes packed sequences, in pure PyTorch.
+
+    out[:, d, t] = act(bias[d] + sum_{k<w} weight[d, k] * x[:, d, t - (w-1) + k])
+
+A tap contributes 0 if it falls before position 0 or on a token whose seq_idx differs from
+seq_idx[t]. Same signature as ``causal_conv1d.causal_conv1d_fn``, whose CUDA kernel is used
+on GPU when available.
+
+Shapes: x (b, dim, l), weight (dim, w), bias (dim,), seq_idx (b, l).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["causal_conv1d", "causal_conv1d_torch"]
+
+_BACKENDS = ("auto", "torch", "cuda")
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cuda_conv1d() -> Tuple[Optional[Callable], Optional[str]]:
+    """Import ``causal_conv1d.causal_conv1d_fn`` once: ``(fn, None)`` or ``(None, reason)``."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return causal_conv1d_fn, None
+
+
+def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                        seq_idx: Optional[Tensor] = None,
+                        activation: Optional[str] = None) -> Tensor:
+    """Pure PyTorch version; computes in float32 (float64 stays float64), returns x's dtype."""
+    b, dim, l = x.shape
+    w = weight.shape[1]
+    cd = torch.float64 if x.dtype == torch.float64 or weight.dtype == torch.float64 else torch.float32
+    xc = x.to(cd)
+    wc = weight.to(cd)
+    # Left zero padding makes taps before position 0 vanish; only sequence boundaries
+    # need an explicit mask.
+    xpad = F.pad(xc, (w - 1, 0))  # (b, dim, l + w - 1)
+    if seq_idx is not None:
+        # The padded ids are never read where it matters: x is 0 there anyway.
+        spad = F.pad(seq_idx, (w - 1, 0))  # (b, l + w - 1)
+    out = None
+    for k in range(w):
+        # tap k reads position t - (w-1) + k, i.e. the window xpad[..., k : k + l]
+        term = xpad[:, :, k:k + l] * wc[:, k, None]  # (b, dim, l)
+        if seq_idx is not None and k < w - 1:  # the last tap is position t itself
+            same = spad[:, k:k + l] == seq_idx  # (b, l)
+            term = term * same[:, None, :].to(cd)
+        out = term if out is None else out + term
+    if bias is not None:
+        out = out + bias.to(cd)[:, None]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  seq_idx: Optional[Tensor] = None, activation: Optional[str] = None,
+                  backend: str = "auto") -> Tensor:
+    """Depthwise causal conv1d over packed sequences.
+
+    Args:
+        x: (b, dim, l).
+        weight: (dim, w).
+        bias: (dim,) or None.
+        seq_idx: (b, l) int, non-decreasing along l; taps never cross a change of seq_idx.
+        activation: None, "silu" or "swish".
+        backend: "torch", "cuda" (the ``causal_conv1d`` package; CUDA tensors only) or
+            "auto": the package when x is on CUDA, not float64, width in 2..4 (what its
+            kernel supports) and the package imports; PyTorch otherwise.
+
+    Returns:
+        (b, dim, l) in x's dtype.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"need x (b, dim, l) and weight (dim, w), got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (x.shape[1],):
+        raise ValueError(f"bias must be (dim,), got {tuple(bias.shape)}")
+    if seq_idx is not None and seq_idx.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"seq_idx must be (b, l) = {(x.shape[0], x.shape[2])}, "
+                         f"got {tuple(seq_idx.shape)}")
+
+    width_ok = 2 <= weight.shape[1] <= 4
+    want_cuda = backend == "cuda" or (
+        backend == "auto" and x.is_cuda and x.dtype != torch.float64 and width_ok
+    )
+    if want_cuda:
+        if not x.is_cuda:
+            raise RuntimeError(
+                f"causal_conv1d(backend='cuda') needs CUDA tensors, but x is on {x.device}; "
+                "use backend='torch' (or 'auto') on CPU."
+            )
+        fn, reason = _load_cuda_conv1d()
+        if fn is not None:
+            if seq_idx is not None:
+                # The CUDA kernel only supports seq_idx with channel-last memory.
+                if x.stride(1) != 1:
+                    x = x.transpose(1, 2).contiguous().transpose(1, 2)
+                seq_idx = seq_idx.to(torch.int32).contiguous()
+            return fn(x, weight.contiguous(), bias, seq_idx=seq_idx, activation=activation)
+        if backend == "cuda":
+            raise RuntimeError(
+                f"causal_conv1d(backend='cuda'): the causal_conv1d package is not available: {reason}"
+            )
+        warnings.warn(
+            f"causal_conv1d package not available ({reason}); using the PyTorch conv on CUDA.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return causal_conv1d_torch(x, weight, bias=bias, seq_idx=seq_idx, activation=activation)
