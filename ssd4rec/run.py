@@ -53,6 +53,15 @@ def build_dataset(config, model):
     return PackedSequentialDataset(config)
 
 
+def describe_device(device):
+    """'cpu (2 threads)' or the GPU's name, for result records."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def run(argv, root=REPO_ROOT):
     compat.apply()
     from recbole.data import data_preparation
@@ -102,6 +111,8 @@ def run(argv, root=REPO_ROOT):
     resume = checkpoint is not None and "optimizer" in checkpoint and not checkpoint.get("finished", False)
     if checkpoint is not None:
         run_dir = Path(checkpoint_path).resolve().parent
+    elif values.get("run_dir"):
+        run_dir = Path(values["run_dir"])
     else:
         from recbole.utils import get_local_time
 
@@ -129,6 +140,9 @@ def run(argv, root=REPO_ROOT):
         "best_valid_result": {k: float(v) for k, v in (best_valid_result or {}).items()},
         "test_result": {k: float(v) for k, v in (test_result or {}).items()},
         "checkpoint": str(model_file),
+        "epochs_run": len(trainer.epoch_seconds),
+        "seconds_per_epoch": trainer.epoch_seconds,
+        "device": describe_device(config["device"]),
     }
     logger.info(f"best valid: {result['best_valid_result']}")
     logger.info(f"test result: {result['test_result']}")

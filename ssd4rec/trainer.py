@@ -11,6 +11,7 @@ A run directory holds two files:
 """
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,17 @@ class Trainer(RecBoleTrainer):
         self.saved_model_file = str(self.run_dir / "best.pth")
         self.last_file = self.run_dir / "last.pth"
         self.config_values = plain_values(config)
+        self.epoch_seconds = []  # wall time of each training epoch run by this process
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.epoch_seconds.append(time.perf_counter() - start)
+        return loss
 
     def _state(self, epoch, with_training_state):
         state = {

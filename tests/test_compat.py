@@ -1,0 +1,69 @@
+"""The RecBole 1.2.1 patches of ssd4rec.compat, each checked on its own."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ssd4rec  # noqa: F401  (applies the patches)
+from ssd4rec import compat
+
+
+def test_config_compatibility_settings_is_replaced_and_builds_aliases():
+    from recbole.config import Config
+
+    assert Config.compatibility_settings is compat._compatibility_settings
+    compat._compatibility_settings(None)
+    # RecBole's metrics code uses these legacy names.
+    assert np.float is np.float64
+    assert np.dtype(np.int) == np.dtype(np.int64)
+    assert np.zeros(2, dtype=np.float).dtype == np.float64
+
+
+def test_fill_nan_fills_under_copy_on_write():
+    from recbole.data.dataset import Dataset
+    from recbole.utils import FeatureType
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.inter_feat = pd.DataFrame({"user_id": [1.0, np.nan, 3.0], "rating": [1.0, np.nan, 5.0]})
+    holder.feat_name_list = ["inter_feat"]
+    holder.field2type = {"user_id": FeatureType.TOKEN, "rating": FeatureType.FLOAT}
+    with pd.option_context("mode.copy_on_write", True) if pd.__version__ < "3" else _nothing():
+        Dataset._fill_nan(holder)
+    assert holder.inter_feat["user_id"].tolist() == [1.0, 0.0, 3.0]
+    assert holder.inter_feat["rating"].tolist() == [1.0, 3.0, 5.0]
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_recbole_config_builds_on_this_numpy():
+    from ssd4rec.config import make_recbole_config
+
+    config = make_recbole_config("SASRec", "ml-100k", {"train_neg_sample_args": None, "loss_type": "CE"})
+    assert config["model"] == "SASRec"
+
+
+def test_apply_is_idempotent():
+    compat.apply()
+    compat.apply()
+    from recbole.data.dataset import Dataset
+
+    assert Dataset._fill_nan is compat._fill_nan
+
+
+@pytest.mark.parametrize("version", ["numpy", "pandas", "torch"])
+def test_versions_are_the_modern_ones_we_claim(version):
+    """The suite is meant to run on numpy 2, pandas >= 2 and torch >= 2.6."""
+    import torch
+
+    major = {"numpy": np.__version__, "pandas": pd.__version__, "torch": torch.__version__}[version].split(".")
+    floor = {"numpy": (2, 0), "pandas": (2, 0), "torch": (2, 6)}[version]
+    assert (int(major[0]), int(major[1])) >= floor
