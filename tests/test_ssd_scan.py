@@ -135,6 +135,47 @@ def test_state_passing_paths(monkeypatch, path, dtype):
         assert rel_err(gr[k], gr_ref[k]) < TOL[dtype], k
 
 
+@pytest.mark.parametrize("block", [2, 3, 16])
+@pytest.mark.parametrize("with_seq", [True, False], ids=["seq", "noseq"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_blocked_state_passing(monkeypatch, block, with_seq, dtype):
+    """Blocked inter-chunk pass (matrix inside blocks, recursion across blocks), forced with
+    tiny thresholds so 28 chunks go through several levels, some with ragged last blocks."""
+    monkeypatch.setattr(ssd_mod, "_MATRIX_STATE_PASSING_MAX_CHUNKS", 2)
+    monkeypatch.setattr(ssd_mod, "_STATE_PASSING_BLOCK", block)
+    gen = torch.Generator().manual_seed(17 + block)
+    b, l, h, p, g, n, chunk = 3, 83, 4, 2, 2, 3, 3
+    inputs = make_inputs(b, l, h, p, g, n, dtype, gen, d_shape="h", with_z=True,
+                         with_bias=True, softplus=True)
+    seq_idx = None
+    if with_seq:
+        seq_idx = make_seq_idx(b, l, chunk, gen)
+        seq_idx[2] = 0  # state must flow across every chunk and block
+        seq_idx[1, 40:] = 1000  # and one long sequence spanning many blocks after a boundary
+    y, y_ref, gr, gr_ref = run_both(inputs, seq_idx, chunk, True, None, gen)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for k in gr:
+        assert rel_err(gr[k], gr_ref[k]) < TOL[dtype], k
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_max_chunk_cap(monkeypatch, dtype):
+    """Chunks above _TORCH_MAX_CHUNK are evaluated as smaller chunks: same result."""
+    gen = torch.Generator().manual_seed(23)
+    b, l, h, p, g, n = 2, 45, 4, 3, 2, 5
+    inputs = make_inputs(b, l, h, p, g, n, dtype, gen, d_shape="h", with_z=True,
+                         with_bias=True, softplus=True)
+    seq_idx = make_seq_idx(b, l, 16, gen)
+    monkeypatch.setattr(ssd_mod, "_TORCH_MAX_CHUNK", 5)
+    y, y_ref, gr, gr_ref = run_both(inputs, seq_idx, 16, True, None, gen)
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for k in gr:
+        assert rel_err(gr[k], gr_ref[k]) < TOL[dtype], k
+    monkeypatch.setattr(ssd_mod, "_TORCH_MAX_CHUNK", None)
+    y_uncapped = ssd_scan(chunk_size=16, backend="torch", seq_idx=seq_idx, dt_softplus=True, **inputs)
+    assert rel_err(y, y_uncapped) < TOL[dtype]
+
+
 def test_packing_is_exact():
     """A row of several packed sequences == each sequence scanned alone (values and grads)."""
     gen = torch.Generator().manual_seed(3)

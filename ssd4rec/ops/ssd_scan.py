@@ -43,10 +43,18 @@ from torch import Tensor
 
 __all__ = ["ssd_scan", "ssd_scan_torch"]
 
-# Above this many chunks the inter-chunk pass uses a Python loop over chunks (O(c)) instead of
-# the (c, c) segment-sum matrix (O(c^2) work, but one einsum). Module level so tests can force
-# either path.
+# Up to this many chunks the inter-chunk pass is one (c, c) segment-sum matrix product (O(c^2)
+# work, but a single matmul); above, it is blocked: matrix form inside blocks of
+# _STATE_PASSING_BLOCK chunks, and the same recursively across blocks (see _state_passing).
+# Module level so tests can force either path.
 _MATRIX_STATE_PASSING_MAX_CHUNKS = 64
+_STATE_PASSING_BLOCK = 16
+
+# The chunk size only changes how the scan is evaluated, not its result (up to rounding). The
+# intra-chunk term costs O(q) per token and per head in (q, q) tensors, which dominate on CPU
+# beyond q = 64 for the paper's sizes (h=32, p=16, n=64: q = 256 is ~2.5x slower than 64), so
+# the PyTorch path evaluates larger chunks as chunks of this size. None disables the cap.
+_TORCH_MAX_CHUNK: Optional[int] = 64
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -117,6 +125,9 @@ def _segsum(a: Tensor, keep: Tensor) -> Tensor:
     Summing the entries directly (instead of cumsum(a)[i] - cumsum(a)[j]) avoids
     cancellation, and masking to -inf before exp means exp never sees the positive
     differences of the upper triangle (or of other sequences) that could overflow.
+    Used on chunk-level decays only (T = chunks), where a cumsum over a whole packed row
+    can be large enough for the difference form to lose digits; inside a chunk the cheaper
+    difference form is used (see _ssd_chunked).
     """
     T = a.size(-1)
     strict = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
@@ -125,26 +136,134 @@ def _segsum(a: Tensor, keep: Tensor) -> Tensor:
     return a_rep.cumsum(dim=-2).masked_fill(~keep, -math.inf)
 
 
-def _state_passing_loop(decay: Tensor, states: Tensor, pass_mask: Optional[Tensor]) -> Tensor:
-    """Sequential scan over chunks, O(c).
+def _chunk_keep(last: Optional[Tensor], c: int, device) -> Tensor:
+    """(c, c) or (b, 1, c, c) bool: may the state at the end of chunk j reach the end of chunk z?
 
-    decay: (b, h', c) log decay of each whole chunk, states: (b, c, h', p, n) chunk states,
-    pass_mask: (b, c) bool, True where chunk z may receive the state of chunk z-1.
-    Returns the state at the end of every chunk, (b, c, h', p, n).
+    Yes iff j <= z and, with packed sequences, both chunks end in the same sequence
+    (seq_idx is non-decreasing, so then every token in between is of that sequence too).
     """
-    a = decay.exp()  # (b, h', c)
-    if pass_mask is not None:
-        a = a * pass_mask[:, None, :]
-    # unbind once: indexing inside the loop would make autograd materialise a full-size
-    # zero gradient of `states` per chunk (O(c^2) memory traffic in backward)
-    a_z = a[..., None, None].unbind(dim=2)  # c x (b, h', 1, 1)
-    states_z = states.unbind(dim=1)  # c x (b, h', p, n)
-    s = states_z[0]
-    out = [s]
-    for zi in range(1, len(states_z)):
-        s = a_z[zi] * s + states_z[zi]
-        out.append(s)
-    return torch.stack(out, dim=1)
+    keep = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+    if last is not None:
+        keep = (keep & (last[:, :, None] == last[:, None, :]))[:, None]  # (b, 1, c, c)
+    return keep
+
+
+def _state_passing(decay: Tensor, states: Tensor, last: Optional[Tensor]) -> Tensor:
+    """Inter-chunk scan: the state at the end of every chunk.
+
+    decay: (b, H, c) log decay of each whole chunk; states: (b, H, c, P) the state each chunk
+    produces from zero (P = p * n); last: (b, c) seq_idx of each chunk's last token, or None.
+    Returns S: (b, H, c, P) with S_z = sum_{j<=z, same seq} exp(sum_{k=j+1..z} decay_k) states_j.
+
+    Up to _MATRIX_STATE_PASSING_MAX_CHUNKS chunks this is one (c, c) matrix product. Beyond,
+    the (c, c) matrix would cost O(c^2) and a loop over chunks costs O(c) tiny kernels (and as
+    many autograd nodes), so the chunks are grouped into blocks of _STATE_PASSING_BLOCK and the
+    same decomposition as the chunked scan itself is applied one level up:
+      1. within each block, the matrix form (as if each block started from zero);
+      2. the blocks' end states are passed across blocks: a scan of the same kind over
+         c / K entries, done by a recursive call;
+      3. the state entering each block is decayed to each chunk end of the block and added
+         where that chunk still belongs to the sequence the incoming state was built from.
+    """
+    b, H, c, P = states.shape
+    if c == 1:
+        return states
+    if c <= _MATRIX_STATE_PASSING_MAX_CHUNKS:
+        decay_chunk = torch.exp(_segsum(decay, _chunk_keep(last, c, decay.device)))  # (b, H, c_z, c_j)
+        return decay_chunk @ states  # (b, H, c, P)
+
+    K = max(2, _STATE_PASSING_BLOCK)
+    pad = (-c) % K
+    if pad:
+        # Trailing padded chunks: no decay input, zero states, and the last real chunk's seq;
+        # they come after every real chunk, so they change nothing (the scan is causal).
+        decay = F.pad(decay, (0, pad))
+        states = F.pad(states, (0, 0, 0, pad))
+        if last is not None:
+            last = torch.cat([last, last[:, -1:].expand(b, pad)], dim=1)
+    nb = (c + pad) // K
+    decay = decay.reshape(b, H, nb, K)
+    states = states.reshape(b, H, nb, K, P)
+    if last is not None:
+        last = last.reshape(b, nb, K)
+
+    # 1. Within blocks, from a zero state at each block's start.
+    keep = _chunk_keep(None if last is None else last.reshape(b * nb, K), K, decay.device)
+    if last is not None:
+        keep = keep.reshape(b, nb, 1, K, K).transpose(1, 2)  # (b, 1, nb, K, K)
+    local = torch.exp(_segsum(decay, keep)) @ states  # (b, H, nb, K, P)
+
+    # 2. State at the end of each block: the block-end local states scanned across blocks.
+    #    The block's decay is the sum of its chunks' (exact, no cancellation), and the block
+    #    keeps/drops incoming state by its last chunk's seq, like a chunk does.
+    block_end = _state_passing(decay.sum(-1), local[:, :, :, -1],
+                               None if last is None else last[:, :, -1])  # (b, H, nb, P)
+    carry = torch.cat([torch.zeros_like(block_end[:, :, :1]), block_end[:, :, :-1]], dim=2)  # entering each block
+
+    # 3. Decay of the incoming state to the end of each chunk of the block: exp(sum of decays
+    #    from the block start through the chunk), zero once a new sequence has started.
+    into = decay.cumsum(-1)  # (b, H, nb, K)
+    if last is not None:
+        prev_last = torch.cat([last[:, :1, -1], last[:, :-1, -1]], dim=1)  # (b, nb): seq of carry
+        into = into.masked_fill(~(last == prev_last[..., None])[:, None], -math.inf)
+    out = torch.addcmul(local, torch.exp(into)[..., None], carry[:, :, :, None])  # (b, H, nb, K, P)
+    return out.reshape(b, H, nb * K, P)[:, :, :c]
+
+
+class _IntraChunk(torch.autograd.Function):
+    """The quadratic (diagonal block) term of the chunked scan, with a hand-written backward.
+
+    forward(dA, CB, xdt, drop) -> y with, for cs = cumsum(dA) within the chunk,
+        L[l, s] = exp(cs_l - cs_s), 0 where drop[l, s]     (decay from s to l)
+        y_l = sum_s CB[l, s] * L[l, s] * xdt_s
+
+    dA: (b, g, r, c, q) log decay of each step; CB: (b, g, c, q, q) C_l . B_s, shared by the
+    r heads of a group; xdt: (b, g, r, c, q, p); drop: bool, broadcastable to
+    (b, g, r, c, q, q), True above the diagonal and across sequences. Returns (b, g, r, c, q, p).
+
+    The (q, q)-per-head tensors dominate the scan's cost (memory traffic, not flops), so this
+    is written to touch them as few times as possible: L is masked and exponentiated in place,
+    and the backward works from T = dM * M, the gradient wrt each exponent (M = CB * L is 0
+    where dropped, so no mask is needed there), instead of autograd's separate exp /
+    masked_fill / sub steps.
+
+    Forward: the exponent is a difference of cumsums, masked to -inf before exp, like
+    mamba_ssm's kernel: cs only sums one chunk, so the difference loses ~eps * |cs| (relative),
+    and exp never sees the positive entries above the diagonal.
+    Backward: dA_k enters the exponents of all (l, s) with s < k <= l, so
+    grad dA_k = sum_{l >= k} sum_{s < k} T[l, s], summed as such (a cumsum along s, then down
+    the rows). Going through d/dcs (row sums minus column sums, then a reverse cumsum) would be
+    one pass cheaper but cancels: ~100x larger float32 error in the gradients of A and dt.
+    """
+
+    @staticmethod
+    def forward(ctx, dA: Tensor, CB: Tensor, xdt: Tensor, drop: Tensor) -> Tensor:
+        cs = dA.cumsum(dim=-1)  # (b, g, r, c, q)
+        L = cs[..., :, None] - cs[..., None, :]  # (b, g, r, c, q_l, q_s)
+        L.masked_fill_(drop, -math.inf).exp_()
+        M = L * CB[:, :, None]  # (b, g, r, c, q_l, q_s)
+        ctx.save_for_backward(L, M, xdt)
+        return M @ xdt  # (b, g, r, c, q, p)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        L, M, xdt = ctx.saved_tensors
+        need_dA, need_cb, need_x, _ = ctx.needs_input_grad
+        g_dA = g_cb = g_x = None
+        if need_x:
+            g_x = M.transpose(-1, -2) @ gy  # (b, g, r, c, q_s, p)
+        if need_dA or need_cb:
+            T = gy @ xdt.transpose(-1, -2)  # dM: (b, g, r, c, q_l, q_s)
+            if need_cb:
+                g_cb = (T * L).sum(dim=2)  # (b, g, c, q_l, q_s): summed over the group's heads
+            if need_dA:
+                q = T.shape[-1]
+                T.mul_(M).cumsum_(dim=-1)  # T[l, j] = sum_{s <= j} dM * M
+                # keep rows l > j, sum down the rows: entry j is grad dA_{j+1}
+                upper = torch.ones(q, q, dtype=torch.bool, device=T.device).triu()
+                S = T.masked_fill_(upper, 0.0).sum(dim=-2)  # (b, g, r, c, q)
+                g_dA = F.pad(S[..., :-1], (1, 0))  # dA_0 (chunk start) is in no exponent
+        return g_dA, g_cb, g_x, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,11 +275,15 @@ def _ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_s
 
     x: (b, l, h, p), dt: (b, l, h) (already processed), A: (h,), B, C: (b, l, g, n),
     seq_idx: (b, l) or None. All floating inputs share one dtype. Returns y: (b, l, h, p).
+
+    Internally heads come first, (b, g, r, c, q, ...): every per-head product below is then a
+    batched matmul over contiguous (q, q) / (q, p) matrices, with no permute copies of the
+    (q, q)-sized tensors, which dominate the cost.
     """
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    q = int(chunk_size)
+    q = int(chunk_size) if _TORCH_MAX_CHUNK is None else min(int(chunk_size), _TORCH_MAX_CHUNK)
 
     # Pad to whole chunks. Padding sits after every real token and has x = 0, dt = 0, so it
     # adds nothing to any real position (the scan is causal); its outputs are cut off.
@@ -176,15 +299,15 @@ def _ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_s
 
     # Split heads into (group, head-in-group) so B, C are never repeated per head:
     # C^T B is computed once per group and shared by its r heads.
-    x = x.reshape(b, c, q, g, r, p)
-    dt = dt.reshape(b, c, q, g, r)
-    B = B.reshape(b, c, q, g, n)
-    C = C.reshape(b, c, q, g, n)
-    A = A.reshape(g, r)
+    x = x.reshape(b, c, q, g, r, p).permute(0, 3, 4, 1, 2, 5)  # (b, g, r, c, q, p)
+    dt = dt.reshape(b, c, q, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, q)
+    B = B.reshape(b, c, q, g, n).transpose(1, 3).transpose(2, 3)  # (b, g, c, q, n)
+    C = C.reshape(b, c, q, g, n).transpose(1, 3).transpose(2, 3)  # (b, g, c, q, n)
+    A = A.reshape(g, r, 1, 1)
 
-    dA = (dt * A).permute(0, 3, 4, 1, 2)  # (b, g, r, c, q): log decay of each step
+    dA = dt * A  # (b, g, r, c, q): log decay of each step
     dA_cs = dA.cumsum(dim=-1)  # (b, g, r, c, q): log decay from chunk start through step
-    xdt = x * dt[..., None]  # (b, c, q, g, r, p): the input term dt_t * x_t
+    xdt = (x * dt[..., None]).contiguous()  # (b, g, r, c, q, p): the input term dt_t * x_t
 
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
     if seq_idx is not None:
@@ -195,53 +318,34 @@ def _ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_s
         keep = causal
 
     # 1. Intra-chunk (diagonal blocks): y_l = sum_{s<=l, same seq} C_l.B_s * exp(sum dA_(s,l]) * dt_s x_s
-    L = torch.exp(_segsum(dA, keep))  # (b, g, r, c, q_l, q_s)
-    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # (b, g, c, q_l, q_s)
-    M = CB[:, :, None] * L  # (b, g, r, c, q_l, q_s)
-    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", M, xdt)  # (b, c, q, g, r, p)
+    CB = C @ B.transpose(-1, -2)  # (b, g, c, q_l, q_s)
+    y = _IntraChunk.apply(dA, CB, xdt, ~keep)  # (b, g, r, c, q, p)
 
-    # 2. Chunk states: the last row of L is exactly the decay from each position to the end
-    # of its chunk, already zeroed for positions of an earlier sequence than the chunk's last.
-    decay_states = L[..., -1, :].permute(0, 3, 4, 1, 2)  # (b, c, q, g, r)
-    states = torch.einsum("bcsgrp,bcsgn->bcgrpn", xdt * decay_states[..., None], B)  # (b, c, g, r, p, n)
+    # 2. Chunk states: decay from each position to the end of its chunk (the last row of the
+    # intra-chunk decay matrix), zero for positions of an earlier sequence than the chunk's last.
+    to_end = (dA_cs[..., -1:] - dA_cs).masked_fill(~keep[..., -1, :], -math.inf)  # (b, g, r, c, q)
+    decay_states = to_end.exp()  # (b, g, r, c, q)
+    states = torch.einsum("bgrcsp,bgcsn->bgrcpn", xdt * decay_states[..., None], B)  # (b, g, r, c, p, n)
 
     # 3. Inter-chunk state passing: state at the end of chunk z is
     #    S_z = sum_{j<=z, same seq} exp(sum_{k=j+1..z} dA_chunk_k) * states_j.
-    dA_chunk = dA_cs[..., -1]  # (b, g, r, c): log decay of each whole chunk
-    if seq_idx is not None:
-        last = sidx[..., -1]  # (b, c): seq of each chunk's last position
-    if c == 1:
-        s_end = states
-    elif c <= _MATRIX_STATE_PASSING_MAX_CHUNKS:
-        ckeep = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-        if seq_idx is not None:
-            # seq_idx is non-decreasing, so equal last-seq means every token in between is
-            # in the same sequence and the state may flow from chunk j to chunk z.
-            ckeep = (ckeep & (last[:, :, None] == last[:, None, :]))[:, None, None]  # (b, 1, 1, c, c)
-        decay_chunk = torch.exp(_segsum(dA_chunk, ckeep))  # (b, g, r, c_z, c_j)
-        s_end = torch.einsum("bgrzj,bjgrpn->bzgrpn", decay_chunk, states)  # (b, c, g, r, p, n)
-    else:
-        pass_mask = None
-        if seq_idx is not None:
-            pass_mask = torch.ones_like(last, dtype=torch.bool)
-            pass_mask[:, 1:] = last[:, 1:] == last[:, :-1]
-        s_end = _state_passing_loop(
-            dA_chunk.reshape(b, h, c), states.reshape(b, c, h, p, n), pass_mask
-        ).reshape(b, c, g, r, p, n)
-    # State entering chunk z = state at the end of chunk z-1 (zero for the first chunk).
-    s_in = torch.cat([torch.zeros_like(s_end[:, :1]), s_end[:, :-1]], dim=1)  # (b, c, g, r, p, n)
+    last = sidx[..., -1] if seq_idx is not None else None  # (b, c): seq of each chunk's last position
+    s_end = _state_passing(dA_cs[..., -1].reshape(b, h, c), states.reshape(b, h, c, p * n), last)
+    s_end = s_end.reshape(b, g, r, c, p, n)
 
-    # 4. State -> output: y_l += exp(dA_cs_l) * C_l . s_in, only at positions of the sequence
-    # the incoming state belongs to (the last seq of the previous chunk).
-    decay_out = dA_cs
-    if seq_idx is not None and c > 1:
-        prev_last = torch.cat([last[:, :1], last[:, :-1]], dim=1)  # (b, c)
-        reads = (sidx == prev_last[..., None])[:, None, None]  # (b, 1, 1, c, q)
-        decay_out = decay_out.masked_fill(~reads, -math.inf)
-    decay_out = decay_out.exp().permute(0, 3, 4, 1, 2)  # (b, c, q, g, r)
-    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, s_in) * decay_out[..., None]  # (b, c, q, g, r, p)
+    # 4. State -> output: y_l += exp(dA_cs_l) * C_l . s_in, where s_in, the state entering chunk
+    # z, is the state at the end of chunk z-1 (none enters chunk 0: slicing instead of shifting
+    # the state tensor saves a copy of it). Only positions of the sequence the incoming state
+    # belongs to (the last seq of the previous chunk) read it.
+    if c > 1:
+        decay_out = dA_cs[:, :, :, 1:]  # (b, g, r, c-1, q)
+        if seq_idx is not None:
+            reads = (sidx[:, 1:] == last[:, :-1, None])[:, None, None]  # (b, 1, 1, c-1, q)
+            decay_out = decay_out.masked_fill(~reads, -math.inf)
+        y_off = torch.einsum("bgcln,bgrcpn->bgrclp", C[:, :, 1:], s_end[:, :, :, :-1])  # (b, g, r, c-1, q, p)
+        y = torch.cat([y[:, :, :, :1], y[:, :, :, 1:] + y_off * decay_out.exp()[..., None]], dim=3)
 
-    y = (y_diag + y_off).reshape(b, c * q, h, p)
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * q, h, p)
     return y[:, :l]
 
 
@@ -258,7 +362,11 @@ def ssd_scan_torch(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     cd = _compute_dtype(x, dt, A, B, C, D, z, dt_bias)
     dt = _process_dt(dt.to(cd), None if dt_bias is None else dt_bias.to(cd), dt_softplus, dt_limit)
     xc = x.to(cd)
-    y = _ssd_chunked(xc, dt, A.to(cd), B.to(cd), C.to(cd), chunk_size, seq_idx)
+    # The scan is computed in `cd` on purpose: under autocast its matmuls would
+    # drop to bf16/fp16 and, worse, hand a low-precision gradient to the
+    # hand-written backward of the intra-chunk term.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y = _ssd_chunked(xc, dt, A.to(cd), B.to(cd), C.to(cd), chunk_size, seq_idx)
     if D is not None:
         Dc = D.to(cd)
         y = y + xc * (Dc[:, None] if Dc.dim() == 1 else Dc)
