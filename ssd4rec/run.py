@@ -45,8 +45,8 @@ def resolve_model(name):
 
 
 def build_dataset(config, model):
-    """Our packed dataset for our models, RecBole's own for RecBole's."""
-    if isinstance(model, str):
+    """Our packed dataset for models that pack histories, RecBole's padded one otherwise."""
+    if isinstance(model, str) or not getattr(model, "packed_histories", True):
         from recbole.data import create_dataset
 
         return create_dataset(config)

@@ -1,8 +1,9 @@
 """The project's RecBole models, by config name."""
 
+from ssd4rec.models.mamba4rec import Mamba4Rec
 from ssd4rec.models.most_pop import MostPop
 from ssd4rec.models.ssd4rec import SSD4Rec
 
-MODELS = {"SSD4Rec": SSD4Rec, "MostPop": MostPop}
+MODELS = {"SSD4Rec": SSD4Rec, "MostPop": MostPop, "Mamba4Rec": Mamba4Rec}
 
-__all__ = ["SSD4Rec", "MostPop", "MODELS"]
+__all__ = ["SSD4Rec", "MostPop", "Mamba4Rec", "MODELS"]
