@@ -89,6 +89,7 @@ CHECKS = {
     "shared_directions": (lambda v: isinstance(v, bool), "True or False"),
     "align_backward": (lambda v: isinstance(v, bool), "True or False"),
     "backend": (lambda v: v in ("auto", "torch", "triton"), "one of auto, torch, triton"),
+    "amp": (lambda v: v in ("none", "bf16"), "one of none, bf16"),
 }
 
 

@@ -47,6 +47,8 @@ def plain_values(config):
 
 _SKIP = object()
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}
+
 
 def atomic_save(obj, path):
     """torch.save through a temporary file in the same directory, then rename."""
@@ -99,8 +101,17 @@ class Trainer(RecBoleTrainer):
         self.last_file = self.run_dir / "last.pth"
         self.config_values = plain_values(config)
         self.epoch_seconds = []  # wall time of each training epoch run by this process
+        # RecBole's own AMP switch autocasts to float16; `amp: bf16` autocasts the
+        # loss computation to bfloat16 instead (no GradScaler needed).
+        self.amp_dtype = AMP_DTYPES[config["amp"] or "none"] if "amp" in config else None
+
+    def _autocast_loss(self, interaction):
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+            return self.model.calculate_loss(interaction)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.amp_dtype is not None and loss_func is None:
+            loss_func = self._autocast_loss
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()

@@ -46,6 +46,7 @@ def test_header_without_rows(tmp_path):
         ("--var_len=maybe", r"'var_len': expected True or False"),
         ("--headdim=24", r"must be a multiple of 'headdim' = 24"),
         ("--backend=cuda", r"'backend': expected one of auto, torch, triton"),
+        ("--amp=fp8", r"'amp': expected one of none, bf16"),
         ("--model=NoSuchModel", r"unknown model 'NoSuchModel'"),
         ("hidden_size=64", r"expected --key=value"),
     ],

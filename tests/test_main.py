@@ -96,3 +96,4 @@ def test_main_py_reports_errors_without_traceback(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "no-such-data" in done.stderr and "ml-1m" in done.stderr
+
