@@ -1,4 +1,4 @@
-"""Configuration: config.yaml, then datasets/<dataset>.yaml, then --key=value overrides.
+"""Configuration: config.yaml, [ssd4rec/models/<model>.yaml,] datasets/<dataset>.yaml, --key=value.
 
 RecBole's ``Config`` does the merging with its own defaults underneath; this module
 decides which files take part, parses the command line itself (RecBole would read
@@ -13,6 +13,9 @@ from pathlib import Path
 import yaml
 
 from ssd4rec.errors import SSD4RecError
+
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "models"
 
 
 def parse_overrides(argv):
@@ -120,10 +123,24 @@ def collect_values(config_file, datasets_dir, overrides):
     dataset = overrides.get("dataset", values.get("dataset"))
     if not dataset or not isinstance(dataset, str):
         raise SSD4RecError(f"config key 'dataset': expected a dataset name, got {dataset!r}")
+
+    # Models other than SSD4Rec bring their published settings in
+    # ssd4rec/models/<model>.yaml; its `dataset_overrides` win over the dataset file,
+    # which holds SSD4Rec's per-dataset values.
+    model = overrides.get("model", values.get("model"))
+    model_file = MODEL_CONFIG_DIR / f"{str(model).lower()}.yaml"
+    per_dataset = {}
+    if isinstance(model, str) and model_file.is_file():
+        model_values = read_yaml(model_file)
+        per_dataset = (model_values.pop("dataset_overrides", None) or {}).get(dataset) or {}
+        files.append(model_file)
+        values.update(model_values)
+
     dataset_file = Path(datasets_dir) / f"{dataset}.yaml"
     if dataset_file.is_file():
         files.append(dataset_file)
         values.update(read_yaml(dataset_file))
+    values.update(per_dataset)
     values.update({k: v for k, v in overrides.items() if k != "config_file"})
     check_values(values)
     return values, files

@@ -3,7 +3,8 @@
 from ssd4rec.models.mamba4rec import Mamba4Rec
 from ssd4rec.models.most_pop import MostPop
 from ssd4rec.models.ssd4rec import SSD4Rec
+from ssd4rec.models.tim4rec import TiM4Rec
 
-MODELS = {"SSD4Rec": SSD4Rec, "MostPop": MostPop, "Mamba4Rec": Mamba4Rec}
+MODELS = {"SSD4Rec": SSD4Rec, "MostPop": MostPop, "Mamba4Rec": Mamba4Rec, "TiM4Rec": TiM4Rec}
 
-__all__ = ["SSD4Rec", "MostPop", "Mamba4Rec", "MODELS"]
+__all__ = ["SSD4Rec", "MostPop", "Mamba4Rec", "TiM4Rec", "MODELS"]

@@ -63,10 +63,9 @@ MODEL_SETTINGS: dict[str, dict] = {
         "embedding_size": 64, "dropout_prob": 0.4, "reg_weight": 1e-4, "nv": 4, "nh": 8,
         "loss_type": "CE",
     },
-    "Mamba4Rec": {  # the published config (Liu et al. 2024, official config.yaml)
-        "hidden_size": 64, "num_layers": 1, "d_state": 32, "d_conv": 4, "expand": 2,
-        "dropout_prob": 0.2, "loss_type": "CE", "layer_norm_eps": 1e-12,
-    },
+    # Our other models bring their published settings in ssd4rec/models/<model>.yaml.
+    "Mamba4Rec": {},
+    "TiM4Rec": {},
 }
 
 SETTINGS_SOURCES = {
@@ -75,7 +74,8 @@ SETTINGS_SOURCES = {
     "BERT4Rec": "RecBole 1.2.1 defaults (its own mask_ratio 0.2)",
     "GRU4Rec": "RecBole 1.2.1 defaults",
     "Caser": "RecBole 1.2.1 defaults",
-    "Mamba4Rec": "published Mamba4Rec config",
+    "Mamba4Rec": "published Mamba4Rec config (ssd4rec/models/mamba4rec.yaml)",
+    "TiM4Rec": "official TiM4Rec configs (ssd4rec/models/tim4rec.yaml)",
 }
 
 # Keys that describe the run, not the model: never compared between a record and a request.
@@ -111,7 +111,7 @@ def run_overrides(task: Task, *, quick: bool = False, data_path: Optional[str] =
     values: dict = {"model": task.model, "dataset": task.dataset, "seed": task.seed,
                     "show_progress": False}
     values.update(MODEL_SETTINGS.get(task.model, {}))
-    if task.model != OURS:
+    if task.model in ("SASRec", "BERT4Rec", "GRU4Rec", "Caser"):
         max_len = dataset_max_length(task.dataset, root)
         if max_len is not None:
             values["MAX_ITEM_LIST_LENGTH"] = max_len
