@@ -22,6 +22,10 @@ from torch import nn
 from ssd4rec.ops import causal_conv1d, ssd_scan
 
 
+# The scan's "triton" backend pairs with the causal_conv1d package's CUDA kernel.
+CONV_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda"}
+
+
 class GatedRMSNorm(nn.Module):
     """y = rmsnorm(x * silu(z)) * weight, normalised per group of ``group_size`` channels.
 
@@ -117,7 +121,7 @@ class Mamba2Mixer(nn.Module):
             self.conv1d.bias,
             seq_idx=seq_idx,
             activation="silu",
-            backend=self.backend,
+            backend=CONV_BACKEND[self.backend],
         ).transpose(1, 2)
         x, B, C = torch.split(
             xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1

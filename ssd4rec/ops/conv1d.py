@@ -96,9 +96,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"seq_idx must be (b, l) = {(x.shape[0], x.shape[2])}, "
                          f"got {tuple(seq_idx.shape)}")
 
-    width_ok = 2 <= weight.shape[1] <= 4
+    # The package's kernel takes widths 2..4, and with seq_idx only channel-last
+    # inputs whose channel count is a multiple of 8 (16-byte aligned rows).
+    kernel_ok = 2 <= weight.shape[1] <= 4 and (seq_idx is None or x.shape[1] % 8 == 0)
     want_cuda = backend == "cuda" or (
-        backend == "auto" and x.is_cuda and x.dtype != torch.float64 and width_ok
+        backend == "auto" and x.is_cuda and x.dtype != torch.float64 and kernel_ok
     )
     if want_cuda:
         if not x.is_cuda:
@@ -110,7 +112,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         if fn is not None:
             if seq_idx is not None:
                 # The CUDA kernel only supports seq_idx with channel-last memory.
-                if x.stride(1) != 1:
+                if x.stride(1) != 1 or x.stride(0) % 8 or x.stride(2) % 8:
                     x = x.transpose(1, 2).contiguous().transpose(1, 2)
                 seq_idx = seq_idx.to(torch.int32).contiguous()
             return fn(x, weight.contiguous(), bias, seq_idx=seq_idx, activation=activation)
