@@ -6,7 +6,7 @@
 NAME is ml-1m, amazon-beauty, amazon-video-games, kuairand or ml-100k. The result
 is OUT/NAME/NAME.inter (default OUT: this repository's datasets/ folder). Source
 options (release version, KuaiRand's click_only/logs, the interaction-count
-filter) come from datasets/NAME.yaml. See docs/datasets.md.
+filter) come from datasets/NAME.yaml. See the README, section Datasets.
 
 Without --raw, an existing OUT/NAME/NAME.inter is left alone (use --force to
 rebuild it); raw files already in OUT/NAME/ or OUT/raw/ are used; --download
@@ -25,12 +25,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ssd4rec.data.download import DEFAULT_TIMEOUT_S  # noqa: E402
+from ssd4rec.data.readers import read_inter  # noqa: E402
 from ssd4rec.data.sources import (  # noqa: E402
     build_dataset,
     get_spec,
     known_datasets,
     load_source_options,
-    read_inter,
     resolve_raw,
 )
 from ssd4rec.data.stats import dataset_stats, format_stats  # noqa: E402

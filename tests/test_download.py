@@ -19,7 +19,8 @@ import pytest
 
 from ssd4rec.data import sources
 from ssd4rec.data.download import RemoteFile, download
-from ssd4rec.data.sources import ensure_dataset, read_inter
+from ssd4rec.data.readers import read_inter
+from ssd4rec.data.sources import ensure_dataset
 from ssd4rec.errors import SSD4RecError
 
 PAYLOAD = bytes(range(256)) * 300  # 76,800 bytes

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ssd4rec.data.sources import clean_interactions, default_options, read_inter, read_raw
+from ssd4rec.data.filtering import clean_interactions
+from ssd4rec.data.readers import read_inter
+from ssd4rec.data.sources import default_options, read_raw
 from ssd4rec.data.stats import dataset_stats
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,18 +19,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from ssd4rec.data.filtering import clean_interactions, kcore_filter, parse_intervals
+from ssd4rec.data.readers import INTER_HEADER, read_inter
 from ssd4rec.data.sources import (
-    INTER_HEADER,
     SourceOptions,
     build_dataset,
-    clean_interactions,
     ensure_dataset,
     get_spec,
-    kcore_filter,
     load_source_options,
     options_from_mapping,
-    parse_intervals,
-    read_inter,
     read_raw,
     write_inter,
 )

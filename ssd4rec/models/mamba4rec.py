@@ -33,6 +33,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from ssd4rec.errors import SSD4RecError
+from ssd4rec.models.init import sasrec_init
 from ssd4rec.ops.conv1d import causal_conv1d
 from ssd4rec.ops.selective_scan import selective_scan
 
@@ -175,20 +176,9 @@ class Mamba4Rec(SequentialRecommender):
             for _ in range(self.num_layers)
         )
         self.loss_fct = nn.CrossEntropyLoss()
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        """The official code's init (RecBole's SASRec one): normal(0, 0.02) for every Linear
-        and Embedding, zero biases, LayerNorm (1, 0). It reaches the Mamba blocks' Linear
-        layers too (dt_proj's bias included, which is then 0, i.e. dt = softplus(0) ~ 0.69 at
-        the start); the conv, A_log and D keep mamba_ssm's init."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
+        # The official code's init; it zeroes dt_proj's bias too (dt = softplus(0) ~ 0.69
+        # at the start), while the conv, A_log and D keep mamba_ssm's init.
+        self.apply(sasrec_init)
 
     def forward(self, item_seq, item_seq_len):
         """item_seq: (B, L) right-padded ids, item_seq_len: (B,) -> (B, hidden_size)"""

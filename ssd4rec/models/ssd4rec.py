@@ -12,13 +12,13 @@ Item id 0 is RecBole's padding id; it has a trainable embedding and doubles as t
 mask token of training-time item masking, as in the official code.
 """
 
-import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from ssd4rec.data.dataset import HISTORY_END_FIELD
 from ssd4rec.data.packing import pack_batch
 from ssd4rec.errors import SSD4RecError
+from ssd4rec.models.init import sasrec_init
 from ssd4rec.modules.bissd import BiSSDEncoder
 
 MASK_TOKEN = 0
@@ -69,17 +69,7 @@ class SSD4Rec(SequentialRecommender):
         self.register_buffer("history_item", history_item, persistent=False)
         self.register_buffer("history_time", history_time, persistent=False)
 
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        """Truncation-free normal(0, 0.02) init of RecBole's SASRec, as the official code."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
+        self.apply(sasrec_init)  # as the official code
 
     def pack(self, interaction):
         """Build the packed batch of an interaction batch (masking only in training)."""

@@ -94,6 +94,7 @@ from ssd4rec.data.dataset import HISTORY_END_FIELD
 from ssd4rec.data.packing import pack_batch
 from ssd4rec.data.time_gaps import scale_gaps, time_gaps
 from ssd4rec.errors import SSD4RecError
+from ssd4rec.models.init import sasrec_init
 from ssd4rec.modules.tissd import CONV_ACTIVATIONS, SegmentNorm, TiSSD
 
 PAD_ITEM = 0
@@ -295,19 +296,13 @@ class TiM4Rec(SequentialRecommender):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        """The official init: normal(0, 0.02) Linear/Embedding, zero biases, unit LayerNorms;
-        Kaiming-normal (fan_out) convolutions with zero bias when ``kaiming_init``."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
-        elif isinstance(module, nn.Conv1d) and self.kaiming_init:
+        """The official init: SASRec's (see ssd4rec.models.init), plus Kaiming-normal
+        (fan_out) convolutions with zero bias when ``kaiming_init``."""
+        sasrec_init(module)
+        if isinstance(module, nn.Conv1d) and self.kaiming_init:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            module.bias.data.zero_()
 
     # -- batches -----------------------------------------------------------------------------
     def make_batch(self, interaction):

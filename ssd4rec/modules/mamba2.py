@@ -107,15 +107,17 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
-    def forward(self, u, seq_idx=None):
-        """u: (b, l, d_model), seq_idx: (b, l) int32 or None -> (b, l, d_model)"""
-        batch, length, _ = u.shape
-        z, xBC, dt = torch.split(
+    def project(self, u):
+        """u: (b, l, d_model) -> z: (b, l, d_inner), xBC: (b, l, d_inner + 2*ngroups*d_state), dt: (b, l, nheads)"""
+        return torch.split(
             self.in_proj(u),
             [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads],
             dim=-1,
         )
-        xBC = causal_conv1d(
+
+    def convolve(self, xBC, seq_idx=None):
+        """SiLU(causal depthwise conv) of xBC: (b, l, c) -> (b, l, c), never across a seq_idx change."""
+        return causal_conv1d(
             xBC.transpose(1, 2),
             self.conv1d.weight.squeeze(1),
             self.conv1d.bias,
@@ -123,6 +125,14 @@ class Mamba2Mixer(nn.Module):
             activation="silu",
             backend=CONV_BACKEND[self.backend],
         ).transpose(1, 2)
+
+    def scan(self, xBC, dt, z, seq_idx=None):
+        """The SSD scan, gated norm and output projection.
+
+        xBC: (b, l, d_inner + 2*ngroups*d_state) after the conv, dt: (b, l, nheads) before
+        bias and softplus, z: (b, l, d_inner) -> (b, l, d_model)
+        """
+        batch, length, _ = xBC.shape
         x, B, C = torch.split(
             xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
         )
@@ -142,3 +152,8 @@ class Mamba2Mixer(nn.Module):
         )
         y = self.norm(y.reshape(batch, length, self.d_inner), z)
         return self.out_proj(y)
+
+    def forward(self, u, seq_idx=None):
+        """u: (b, l, d_model), seq_idx: (b, l) int32 or None -> (b, l, d_model)"""
+        z, xBC, dt = self.project(u)
+        return self.scan(self.convolve(xBC, seq_idx), dt, z, seq_idx)

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssd4rec.data.time_gaps import segment_normalize
-from ssd4rec.modules.mamba2 import Mamba2Mixer
-from ssd4rec.ops import causal_conv1d, ssd_scan
+from ssd4rec.modules.mamba2 import CONV_BACKEND, Mamba2Mixer
+from ssd4rec.ops import causal_conv1d
 
 TIME_MODES = ("packed", "faithful")
 CONV_ACTIVATIONS = ("silu", "hardswish")
@@ -206,9 +206,7 @@ class TiSSD(Mamba2Mixer):
     def _conv(self, x, conv, seq_idx, backend=None):
         """Depthwise causal conv of x: (b, c, l) with ``conv``'s weights and the activation."""
         if backend is None:
-            # causal_conv1d knows auto/torch/cuda; the config's "triton" means the GPU kernels
-            # (Mamba2Mixer passes it through and fails: see the report of issue #6).
-            backend = "auto" if self.backend == "triton" else self.backend
+            backend = CONV_BACKEND[self.backend]
         if self.conv_activation == "silu":
             return causal_conv1d(x, conv.weight.squeeze(1), conv.bias, seq_idx=seq_idx,
                                  activation="silu", backend=backend)
@@ -232,20 +230,8 @@ class TiSSD(Mamba2Mixer):
 
     def forward(self, u, seq_idx=None, time_diff=None, num_segments=None):
         batch, length, _ = u.shape
-        z, xBC, dt = torch.split(
-            self.in_proj(u),
-            [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads],
-            dim=-1,
-        )
-        if xBC.is_cuda and xBC.stride(1) % 8:
-            # A slice of in_proj's output, whose width (2*d_inner + 2*ngroups*d_state + nheads)
-            # is not a multiple of 8 with 4 heads: the CUDA conv kernel needs channel-last
-            # strides that are. Same values, so CPU results are unchanged.
-            xBC = xBC.contiguous()
+        z, xBC, dt = self.project(u)
         xBC = self._conv(xBC.transpose(1, 2), self.conv1d, seq_idx).transpose(1, 2)
-        x, B, C = torch.split(
-            xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
-        )
 
         next_time = None
         if self.time_aware and time_diff is not None:
@@ -257,20 +243,4 @@ class TiSSD(Mamba2Mixer):
             if self.time_output:
                 gate = self.time_gate(time_diff)
                 next_time = self.time_norm(gate * time_diff + (1 - gate) * time_dt, seq_idx, num_segments)
-
-        y = ssd_scan(
-            x.reshape(batch, length, self.nheads, self.headdim),
-            dt,
-            -torch.exp(self.A_log.float()),
-            B.reshape(batch, length, self.ngroups, self.d_state),
-            C.reshape(batch, length, self.ngroups, self.d_state),
-            self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            seq_idx=seq_idx,
-            dt_softplus=True,
-            dt_limit=self.dt_limit,
-            backend=self.backend,
-        )
-        y = self.norm(y.reshape(batch, length, self.d_inner), z)
-        return self.out_proj(y), next_time
+        return self.scan(xBC, dt, z, seq_idx), next_time
