@@ -93,6 +93,7 @@ CHECKS = {
     "align_backward": (lambda v: isinstance(v, bool), "True or False"),
     "backend": (lambda v: v in ("auto", "torch", "triton"), "one of auto, torch, triton"),
     "amp": (lambda v: v in ("none", "bf16"), "one of none, bf16"),
+    "tf32": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 

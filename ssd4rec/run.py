@@ -8,6 +8,8 @@ dataloaders -> model -> RecBole training loop with early stopping on validation
 import logging
 from pathlib import Path
 
+import torch
+
 from ssd4rec import compat
 from ssd4rec.config import collect_values, make_recbole_config, parse_overrides
 from ssd4rec.data.atomic import check_inter_file
@@ -57,8 +59,6 @@ def build_dataset(config, model):
 
 def describe_device(device):
     """'cpu (2 threads)' or the GPU's name, for result records."""
-    import torch
-
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
@@ -96,6 +96,10 @@ def run(argv, root=REPO_ROOT):
     check_inter_file(Path(values["data_path"]) / dataset_name / f"{dataset_name}.inter")
 
     config = make_recbole_config(model_class, dataset_name, values)
+    # TF32 matmuls on Ampere+ GPUs: ~1.4x faster SSD4Rec epochs on an H100 (README),
+    # at TF32's 10-bit mantissa; off by default so that fp32 means fp32.
+    torch.backends.cuda.matmul.allow_tf32 = bool(values.get("tf32"))
+    torch.backends.cudnn.allow_tf32 = bool(values.get("tf32"))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = logging.getLogger()

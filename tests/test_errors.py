@@ -47,6 +47,7 @@ def test_header_without_rows(tmp_path):
         ("--headdim=24", r"must be a multiple of 'headdim' = 24"),
         ("--backend=cuda", r"'backend': expected one of auto, torch, triton"),
         ("--amp=fp8", r"'amp': expected one of none, bf16"),
+        ("--tf32=yes please", r"'tf32': expected True or False"),
         ("--model=NoSuchModel", r"unknown model 'NoSuchModel'"),
         ("hidden_size=64", r"expected --key=value"),
     ],
