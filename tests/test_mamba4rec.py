@@ -12,14 +12,7 @@ from ssd4rec.models.mamba4rec import Mamba4Rec, MambaBlock
 N_ITEMS = 40
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tensors are tiny: a second intra-op thread gains nothing, and on a busy 2-core
-    machine it made each small op wait for a descheduled thread (100x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FakeDataset:

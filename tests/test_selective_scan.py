@@ -18,14 +18,7 @@ TOL = {torch.float32: 1e-4, torch.float64: 1e-5}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tensors are tiny: a second intra-op thread gains nothing, and on a busy 2-core
-    machine it made each small op wait for a descheduled thread (100x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
