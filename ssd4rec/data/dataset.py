@@ -14,6 +14,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
 from ssd4rec.data.packing import history_bounds
+from ssd4rec.errors import SSD4RecError
 
 HISTORY_END_FIELD = "history_end"
 
@@ -72,3 +73,19 @@ class PackedSequentialDataset(SequentialDataset):
         if not hasattr(self, "history_item"):
             raise RuntimeError("the history store exists only after build()")
         return self.history_item, self.history_time
+
+
+def attach_history_store(model, dataset):
+    """Give a packing model the dataset's history store as non-persistent buffers.
+
+    The store travels with the model to its device so that batches are packed there;
+    it is data, not weights, so checkpoints leave it out.
+    """
+    if not hasattr(dataset, "history_store"):
+        raise SSD4RecError(
+            f"{type(model).__name__} needs a ssd4rec.data.dataset.PackedSequentialDataset (got "
+            f"{type(dataset).__name__}); ssd4rec.run.build_dataset picks it for packing models"
+        )
+    history_item, history_time = dataset.history_store()
+    model.register_buffer("history_item", history_item, persistent=False)
+    model.register_buffer("history_time", history_time, persistent=False)

@@ -15,9 +15,8 @@ mask token of training-time item masking, as in the official code.
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from ssd4rec.data.dataset import HISTORY_END_FIELD
+from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
 from ssd4rec.data.packing import pack_batch
-from ssd4rec.errors import SSD4RecError
 from ssd4rec.models.init import sasrec_init
 from ssd4rec.modules.bissd import BiSSDEncoder
 
@@ -34,11 +33,6 @@ class SSD4Rec(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        if not hasattr(dataset, "history_store"):
-            raise SSD4RecError(
-                "SSD4Rec needs a ssd4rec.data.PackedSequentialDataset (got "
-                f"{type(dataset).__name__}); build datasets with ssd4rec.data.build_dataset"
-            )
         self.hidden_size = config["hidden_size"]
         self.mask_ratio = config["maskratio"]
         self.norm_embedding = config["norm_embedding"]
@@ -63,11 +57,7 @@ class SSD4Rec(SequentialRecommender):
         )
         self.loss_fct = nn.CrossEntropyLoss()
 
-        # The history store travels with the model to its device so that batches
-        # are packed there; it is data, not weights, so checkpoints leave it out.
-        history_item, history_time = dataset.history_store()
-        self.register_buffer("history_item", history_item, persistent=False)
-        self.register_buffer("history_time", history_time, persistent=False)
+        attach_history_store(self, dataset)
 
         self.apply(sasrec_init)  # as the official code
 

@@ -90,7 +90,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from ssd4rec.data.dataset import HISTORY_END_FIELD
+from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
 from ssd4rec.data.packing import pack_batch
 from ssd4rec.data.time_gaps import scale_gaps, time_gaps
 from ssd4rec.errors import SSD4RecError
@@ -232,11 +232,6 @@ class TiM4Rec(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        if not hasattr(dataset, "history_store"):
-            raise SSD4RecError(
-                "TiM4Rec needs a ssd4rec.data.PackedSequentialDataset (got "
-                f"{type(dataset).__name__}); build datasets with ssd4rec.data.build_dataset"
-            )
         options = tim4rec_options(config)
         self.mode = options["tim4rec_mode"]
         self.time_aware = options["time_aware"]
@@ -288,10 +283,7 @@ class TiM4Rec(SequentialRecommender):
         )
         self.loss_fct = nn.CrossEntropyLoss()
 
-        # The history store travels with the model (data, not weights: not in checkpoints).
-        history_item, history_time = dataset.history_store()
-        self.register_buffer("history_item", history_item, persistent=False)
-        self.register_buffer("history_time", history_time, persistent=False)
+        attach_history_store(self, dataset)
 
         self.apply(self._init_weights)
 
