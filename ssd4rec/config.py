@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ssd4rec.data.protocols import protocol_settings
 from ssd4rec.errors import SSD4RecError
 
 
@@ -94,6 +95,10 @@ CHECKS = {
     "backend": (lambda v: v in ("auto", "torch", "triton"), "one of auto, torch, triton"),
     "amp": (lambda v: v in ("none", "bf16"), "one of none, bf16"),
     "tf32": (lambda v: isinstance(v, bool), "True or False"),
+    # RecBole's keys for several processes (ssd4rec.distributed)
+    "nproc": (_positive_int, "a positive integer (processes on this machine)"),
+    "world_size": (_positive_int, "a positive integer (processes on all machines)"),
+    "offset": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
 }
 
 
@@ -142,7 +147,10 @@ def collect_values(config_file, datasets_dir, overrides):
         files.append(dataset_file)
         values.update(read_yaml(dataset_file))
     values.update(per_dataset)
-    values.update({k: v for k, v in overrides.items() if k != "config_file"})
+    # `protocol: NAME` sets the evaluation keys, and an --eval_args override is merged into
+    # the files' eval_args rather than replacing it (ssd4rec.data.protocols says why).
+    values.update(protocol_settings(values, overrides))
+    values.update({k: v for k, v in overrides.items() if k not in ("config_file", "eval_args")})
     check_values(values)
     return values, files
 
