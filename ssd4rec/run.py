@@ -28,7 +28,7 @@ CHECKPOINT_KEYS = (
     "chunk_size", "norm_embedding", "shared_directions", "align_backward", "layer_norm_eps",
     "var_len", "MAX_ITEM_LIST_LENGTH", "inner_size", "n_layers", "n_heads", "embedding_size",
     "tim4rec_mode", "time_aware", "p2p_residual", "conv_activation", "time_scaling", "time_unit",
-    "time_padding",
+    "time_padding", "backbone",
 )
 
 
@@ -49,12 +49,13 @@ def resolve_model(name):
 
 
 def build_dataset(config, model):
-    """Our packed dataset for models that pack histories, RecBole's padded one otherwise."""
+    """Our packed dataset for models that pack histories (or the one a model names in its
+    ``dataset_class``), RecBole's padded one otherwise."""
     if isinstance(model, str) or not getattr(model, "packed_histories", True):
         from recbole.data import create_dataset
 
         return create_dataset(config)
-    return PackedSequentialDataset(config)
+    return getattr(model, "dataset_class", PackedSequentialDataset)(config)
 
 
 def describe_device(device):
