@@ -379,3 +379,17 @@ def test_tissd_cuda_kernels_match_torch_with_unaligned_channels(d_model):
         results[backend] = (y.detach().clone(), u.grad.clone())
     for got, want in zip(results["auto"], results["torch"]):
         assert ((got - want).norm() / want.norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("channels", [4, 12, 640])
+def test_causal_conv1d_cuda_strided_input_without_seq_idx(channels):
+    """Without seq_idx, a transposed (b, l, c) view reaches the kernel as channel-last; with c
+    not a multiple of 8 the kernel rejects its strides (seen in TiM4Rec's faithful mode, 4
+    heads). The dispatch must hand it a layout it takes, with the torch values."""
+    gen = torch.Generator().manual_seed(channels)
+    x = torch.randn(2, 50, channels, generator=gen).to(DEV).transpose(1, 2)  # (b, c, l), stride(1) == 1
+    weight = torch.randn(channels, 4, generator=gen).to(DEV)
+    bias = torch.randn(channels, generator=gen).to(DEV)
+    y_k = causal_conv1d(x, weight, bias, activation="silu", backend="cuda")
+    y_r = causal_conv1d(x, weight, bias, activation="silu", backend="torch")
+    assert report(f"conv1d strided c={channels}", rel_err(y_k, y_r)) < 1e-5

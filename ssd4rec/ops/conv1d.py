@@ -115,6 +115,10 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 if x.stride(1) != 1 or x.stride(0) % 8 or x.stride(2) % 8:
                     x = x.transpose(1, 2).contiguous().transpose(1, 2)
                 seq_idx = seq_idx.to(torch.int32).contiguous()
+            elif x.stride(2) != 1 and (x.stride(1) != 1 or x.stride(0) % 8 or x.stride(2) % 8):
+                # Strided views the kernel would read as unaligned channel-last input (a
+                # (b, l, c) tensor transposed, c not a multiple of 8): give it channel-first.
+                x = x.contiguous()
             return fn(x, weight.contiguous(), bias, seq_idx=seq_idx, activation=activation)
         if backend == "cuda":
             raise RuntimeError(

@@ -185,7 +185,7 @@ def implementation_notes(model: str, device: str) -> dict:
     """Which kernels a run of ``model`` used on ``device`` ("cpu ..." or a GPU name)."""
     cuda = not str(device).startswith("cpu")
     notes = {}
-    if model in ("SSD4Rec", "Mamba4Rec"):
+    if model in ("SSD4Rec", "TiM4Rec", "Mamba4Rec"):
         from ssd4rec.ops.conv1d import _load_cuda_conv1d
 
         if cuda:
@@ -193,7 +193,7 @@ def implementation_notes(model: str, device: str) -> dict:
             notes["causal_conv1d"] = "cuda (causal_conv1d package)" if fn else f"torch ({reason})"
         else:
             notes["causal_conv1d"] = "torch"
-    if model == "SSD4Rec":
+    if model in ("SSD4Rec", "TiM4Rec"):
         from ssd4rec.ops.ssd_scan import _load_triton_scan
 
         if cuda:
