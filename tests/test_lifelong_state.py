@@ -148,3 +148,20 @@ def test_mamba1_block_split_in_two_equals_one_run(cut):
         torch.testing.assert_close(a, b)
     no_state = split_run(lambda x, lens, s, w: forward(x, lens, None, w), u, lengths, cut)
     assert (no_state - whole).abs().max() > 1e-3
+
+
+def test_mamba2_mixer_padding_the_conv_channels_changes_nothing():
+    """What CUDA runs (channels padded to a multiple of 8) equals the unpadded convolution."""
+    torch.manual_seed(0)
+    mixer = StatefulMamba2Mixer(10, d_state=3, d_conv=4, expand=2, headdim=5, chunk_size=4, backend="torch")
+    assert (mixer.d_inner + 2 * mixer.d_state) % 8  # 26 channels: padded to 32
+    lengths = [6, 2, 5]
+    u = torch.randn(sum(lengths), 10)
+    outs = []
+    for align in (False, True):
+        mixer.align_conv = align
+        y, state = mixer.forward_segments(u, segments(lengths), None, True)
+        y2, _ = mixer.forward_segments(u, segments(lengths), state, False)
+        outs.append((y, y2))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)

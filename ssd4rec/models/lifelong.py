@@ -147,6 +147,9 @@ class LifelongRec(SequentialRecommender):
         if values["backbone"] in ("sasrec", "linrec") and config["hidden_size"] % values["n_heads"]:
             raise SSD4RecError(f"config keys 'hidden_size' = {config['hidden_size']} must be a multiple "
                                f"of 'n_heads' = {values['n_heads']}")
+        if values["backbone"] == "ssd" and (config["hidden_size"] * config["expand"]) % config["headdim"]:
+            raise SSD4RecError(f"config keys 'hidden_size' * 'expand' = {config['hidden_size'] * config['expand']} "
+                               f"must be a multiple of 'headdim' = {config['headdim']}")
         self.backbone_name = values["backbone"]
         self.loss_type = values["loss_type"]
         self.window = int(config["MAX_ITEM_LIST_LENGTH"])

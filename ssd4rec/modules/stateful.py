@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ssd4rec.models.mamba4rec import _CONV_BACKEND, _SCAN_BACKEND, MambaBlock
 from ssd4rec.modules.mamba2 import CONV_BACKEND, Mamba2Mixer
 from ssd4rec.ops import causal_conv1d, selective_scan, ssd_scan
+from ssd4rec.ops.conv1d import _load_cuda_conv1d
 from ssd4rec.ops.ssd_scan import _process_dt
 
 
@@ -140,7 +141,34 @@ class StatefulMamba2Mixer(Mamba2Mixer):
     """:class:`Mamba2Mixer` (same parameters) with a state in and a state out.
 
     State: (conv (B, d_conv-1, conv_dim) the last pre-convolution inputs, ssm (B, h, p, n)).
+
+    On CUDA the convolution's channels are padded to a multiple of 8: with seq_idx,
+    causal_conv1d's kernel only takes channel-last rows of whole 16-byte groups, and for other
+    counts (100 + 2 x 32 = 164 at Rec-Mamba's hidden size 50) ``causal_conv1d`` falls back to
+    the PyTorch convolution, about ten passes over the tokens; the padding (zero weights) costs
+    one copy. ``align_conv``: None (on CUDA with the package), True or False.
     """
+
+    align_conv = None
+
+    def _conv(self, xBC, seq_idx, activation):
+        """Depthwise causal conv of xBC: (1, T, c) -> (1, T, c), never across seq_idx changes."""
+        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        c = xBC.shape[-1]
+        align = self.align_conv
+        if align is None:
+            align = xBC.is_cuda and self.backend != "torch" and _load_cuda_conv1d()[0] is not None
+        pad = (-c) % 8 if align and seq_idx is not None else 0
+        if pad:
+            xBC = F.pad(xBC, (0, pad))  # (1, T, c8) contiguous: channel-last once transposed
+            weight = F.pad(weight, (0, 0, 0, pad))
+            bias = None if bias is None else F.pad(bias, (0, pad))
+        out = causal_conv1d(xBC.transpose(1, 2), weight, bias, seq_idx=seq_idx, activation=activation,
+                            backend=CONV_BACKEND[self.backend]).transpose(1, 2)
+        return out[..., :c] if pad else out
+
+    def convolve(self, xBC, seq_idx=None):
+        return self._conv(xBC, seq_idx, "silu")
 
     def forward_segments(self, u, seg, state=None, want_state=False):
         """u: (T, d_model) packed; state: as above or None (zero) -> ((T, d_model), new state or None)."""
@@ -152,8 +180,7 @@ class StatefulMamba2Mixer(Mamba2Mixer):
         if state is None:
             xc = self.convolve(xBC, seq_idx)
         else:
-            pre = causal_conv1d(xBC.transpose(1, 2), weight, self.conv1d.bias, seq_idx=seq_idx,
-                                activation=None, backend=CONV_BACKEND[self.backend]).transpose(1, 2)
+            pre = self._conv(xBC, seq_idx, None)
             pre = seg.add_at_starts(pre[0], conv_carry_in(weight, state[0]))
             xc = F.silu(pre)[None]
         T = u.shape[0]
