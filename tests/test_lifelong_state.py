@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from ssd4rec.modules.segments import Segments
+from ssd4rec.modules.mamba2 import GatedRMSNorm
 from ssd4rec.modules.stateful import (
+    RecomputedGatedRMSNorm,
     StatefulMamba2Mixer,
     StatefulMambaBlock,
+    _GatedRMSNormFn,
     conv_carry_in,
     last_inputs,
     ssd_final_state,
@@ -165,3 +168,23 @@ def test_mamba2_mixer_padding_the_conv_channels_changes_nothing():
         outs.append((y, y2))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("group_size", [12, 4])
+def test_recomputed_gated_norm_equals_the_plain_one(group_size):
+    g = torch.Generator().manual_seed(0)
+    plain = GatedRMSNorm(12, eps=1e-5, group_size=group_size)
+    ours = RecomputedGatedRMSNorm(12, eps=1e-5, group_size=group_size)
+    with torch.no_grad():
+        plain.weight.normal_(generator=g)
+        ours.weight.copy_(plain.weight)
+    x, z = (torch.randn(3, 5, 12, generator=g, requires_grad=True) for _ in range(2))
+    gy = torch.randn(3, 5, 12, generator=g)
+    a, b = plain(x, z), ours(x, z)
+    torch.testing.assert_close(b, a)
+    ga = torch.autograd.grad((a * gy).sum(), (x, z, plain.weight))
+    gb = torch.autograd.grad((b * gy).sum(), (x, z, ours.weight))
+    for u, v in zip(gb, ga):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    xd, zd, wd = (t.detach().double().requires_grad_() for t in (x, z, ours.weight))
+    assert torch.autograd.gradcheck(lambda p, q, w: _GatedRMSNormFn.apply(p, q, w, 1e-5, group_size), (xd, zd, wd))

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ssd4rec.models.mamba4rec import _CONV_BACKEND, _SCAN_BACKEND, MambaBlock
-from ssd4rec.modules.mamba2 import CONV_BACKEND, Mamba2Mixer
+from ssd4rec.modules.mamba2 import CONV_BACKEND, GatedRMSNorm, Mamba2Mixer
 from ssd4rec.ops import causal_conv1d, selective_scan, ssd_scan
 from ssd4rec.ops.conv1d import _load_cuda_conv1d
 from ssd4rec.ops.ssd_scan import _process_dt
@@ -135,6 +135,56 @@ def last_inputs(xp, old, lengths, m):
 
 
 # --------------------------------------------------------------------------------------------
+# Gated RMSNorm that keeps nothing of its own for backward
+# --------------------------------------------------------------------------------------------
+class _GatedRMSNormFn(torch.autograd.Function):
+    """out = v r w with v = x silu(z), r = rsqrt(mean(v^2 over each group) + eps).
+
+    Autograd through the plain form keeps x silu(z), silu(z) and the normalised v, three
+    (T, d_inner) tensors per layer (about 1.2 KB a token at d_inner 100); this keeps x and z,
+    which the scan and in_proj keep alive anyway, and r (one float per group), and recomputes
+    the rest in backward:
+        n = v r,   g_v = r (g_n - n mean(g_n n)),   g_n = g_out w,   g_w = sum g_out n,
+        g_x = g_v silu(z),   g_z = g_v x silu'(z),   silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, group_size):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            v = (_float(x) * F.silu(_float(z))).unflatten(-1, (-1, group_size))  # (..., groups, g)
+            r = torch.rsqrt(v.square().mean(-1, keepdim=True) + eps)  # (..., groups, 1)
+            out = (v * r).flatten(-2) * _float(weight)
+        ctx.save_for_backward(x, z, weight, r)
+        ctx.group_size = group_size
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, z, weight, r = ctx.saved_tensors
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf, zf, wf = _float(x), _float(z), _float(weight)
+            s = torch.sigmoid(zf)
+            silu = zf * s
+            n = (xf * silu).unflatten(-1, (-1, ctx.group_size)) * r  # normalised
+            g = _float(g_out)
+            g_w = (g * n.flatten(-2)).reshape(-1, wf.numel()).sum(0)
+            g_n = (g * wf).unflatten(-1, (-1, ctx.group_size))
+            g_v = (r * (g_n - n * (g_n * n).mean(-1, keepdim=True))).flatten(-2)
+            g_x = g_v * silu
+            g_z = g_v * xf * s * (1 + zf * (1 - s))
+        return g_x.to(x.dtype), g_z.to(z.dtype), g_w.to(weight.dtype), None, None
+
+
+class RecomputedGatedRMSNorm(GatedRMSNorm):
+    """:class:`GatedRMSNorm` (same parameter and result), with a backward that recomputes."""
+
+    def forward(self, x, z=None):
+        if z is None:
+            return super().forward(x)
+        return _GatedRMSNormFn.apply(x, z, self.weight, self.eps, self.group_size)
+
+
+# --------------------------------------------------------------------------------------------
 # Mixers
 # --------------------------------------------------------------------------------------------
 class StatefulMamba2Mixer(Mamba2Mixer):
@@ -146,10 +196,15 @@ class StatefulMamba2Mixer(Mamba2Mixer):
     causal_conv1d's kernel only takes channel-last rows of whole 16-byte groups, and for other
     counts (100 + 2 x 32 = 164 at Rec-Mamba's hidden size 50) ``causal_conv1d`` falls back to
     the PyTorch convolution, about ten passes over the tokens; the padding (zero weights) costs
-    one copy. ``align_conv``: None (on CUDA with the package), True or False.
+    one copy. ``align_conv``: None (on CUDA with the package), True or False. The gated norm
+    is :class:`RecomputedGatedRMSNorm` (same parameter, less memory).
     """
 
     align_conv = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = RecomputedGatedRMSNorm(self.d_inner, eps=self.norm.eps, group_size=self.norm.group_size)
 
     def _conv(self, xBC, seq_idx, activation):
         """Depthwise causal conv of xBC: (1, T, c) -> (1, T, c), never across seq_idx changes."""
