@@ -437,7 +437,8 @@ def test_unknown_dataset_name(tmp_path):
     for call in (lambda: get_spec("ml-2m"), lambda: ensure_dataset("ml-2m", str(tmp_path)),
                  lambda: load_source_options("netflix")):
         with pytest.raises(SSD4RecError, match=r"unknown dataset .*known datasets: amazon-beauty, "
-                                               r"amazon-video-games, kuairand, ml-100k, ml-1m"):
+                                               r"amazon-video-games, kuairand, kuairand-27k, lfm-1b, ml-100k, "
+                                               r"ml-1m, synthetic-lifelong"):
             call()
 
 
@@ -452,7 +453,8 @@ def test_atomic_output_format(tmp_path):
     assert len(lines) == 1 + 31
     assert all(len(line.split("\t")) == 3 for line in lines)
     assert "." not in lines[1].split("\t")[2]  # whole seconds written as integers
-    assert [p.name for p in res.path.parent.iterdir()] == ["ml-1m.inter"]  # no temporary file left
+    # no temporary file left; the source options of the build sit next to the file
+    assert sorted(p.name for p in res.path.parent.iterdir()) == [".ml-1m.source.json", "ml-1m.inter"]
     assert_same(read_inter(res.path), expected_table())
 
 

@@ -2,6 +2,8 @@
 
 2. **de-duplicate**: rows with the same user, item *and* timestamp are kept once
    (the first in file order);
+   **truncate** (lifelong sources, ``source.max_seq_len``): each user's first or
+   last ``max_seq_len`` interactions in time order, as Rec-Mamba cuts its datasets;
 3. **filter** with RecBole's iterative rule (``user_inter_num_interval`` /
    ``item_inter_num_interval``, ``[5,inf)`` = 5-core);
 4. **order**: users in order of first appearance, each user's rows by timestamp (stable).
@@ -34,6 +36,8 @@ class BuildReport:
     raw_rows: int = 0
     after_source_filter: int = 0
     duplicates_dropped: int = 0
+    truncated: int = 0
+    truncation: str = ""
     filtered_out: int = 0
     filter_rounds: int = 0
     rows: int = 0
@@ -45,6 +49,7 @@ class BuildReport:
             out.append(f"after source filter: {self.after_source_filter:,}")
         out += [
             f"exact duplicates (user, item, timestamp) dropped: {self.duplicates_dropped:,}",
+            *([f"removed by truncation ({self.truncation}): {self.truncated:,}"] if self.truncation else []),
             f"removed by the interaction-count filter: {self.filtered_out:,} in {self.filter_rounds} round(s)",
             f"interactions written: {self.rows:,}",
         ]
@@ -123,12 +128,18 @@ def kcore_filter(df: pd.DataFrame, user_interval: str | None = FIVE_CORE,
 
 def clean_interactions(df: pd.DataFrame, user_interval: str | None = FIVE_CORE,
                        item_interval: str | None = FIVE_CORE,
-                       report: BuildReport | None = None) -> pd.DataFrame:
-    """De-duplicate, filter and order a user_id/item_id/timestamp table (module docstring, 2-4)."""
+                       report: BuildReport | None = None, *, max_seq_len: int | None = None,
+                       keep: str = "last") -> pd.DataFrame:
+    """De-duplicate, (truncate,) filter and order a user_id/item_id/timestamp table (module docstring, 2-4)."""
     report = report if report is not None else BuildReport()
     n0 = len(df)
     df = df.drop_duplicates(subset=list(INTER_COLUMNS), keep="first")
     report.duplicates_dropped = n0 - len(df)
+    if max_seq_len is not None:
+        n_before = len(df)
+        df = truncate_histories(df, max_seq_len, keep)
+        report.truncated = n_before - len(df)
+        report.truncation = f"each user's {keep} {max_seq_len:,} interactions kept"
     n1 = len(df)
     df, rounds = kcore_filter(df, user_interval, item_interval)
     report.filtered_out = n1 - len(df)
@@ -149,3 +160,28 @@ def sort_interactions(df: pd.DataFrame) -> pd.DataFrame:
     order = np.argsort(df["timestamp"].to_numpy(), kind="stable")
     order = order[np.argsort(codes[order], kind="stable")]
     return df.iloc[order].reset_index(drop=True)
+
+
+KEEP_CHOICES = ("first", "last")
+
+
+def truncate_histories(df: pd.DataFrame, max_len: int, keep: str = "last") -> pd.DataFrame:
+    """Each user's first or last ``max_len`` interactions in time order (ties: file order).
+
+    The kept rows come back in the order of :func:`sort_interactions`.
+    """
+    if keep not in KEEP_CHOICES:
+        raise SSD4RecError(f"source.keep: expected one of {', '.join(KEEP_CHOICES)}, found {keep!r}")
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise SSD4RecError(f"source.max_seq_len: expected a positive integer or null, found {max_len!r}")
+    df = sort_interactions(df)
+    codes, _ = pd.factorize(df["user_id"])  # runs of equal codes, in sorted order
+    index = np.arange(len(df))
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    counts = np.diff(np.r_[starts, len(df)])
+    position = index - np.repeat(starts, counts)
+    if keep == "first":
+        kept = position < max_len
+    else:
+        kept = position >= np.repeat(counts, counts) - max_len
+    return df[kept].reset_index(drop=True)

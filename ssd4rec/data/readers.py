@@ -23,6 +23,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
+from ssd4rec.data.streaming import FirstUsers, Table, compact, read_frames
 from ssd4rec.errors import SSD4RecError
 
 INTER_COLUMNS = ("user_id", "item_id", "timestamp")
@@ -378,3 +379,167 @@ def _kuairand_from_tar(path: Path, logs: Sequence[str]) -> list[_Input]:
             f"{path}: the archive has no member {', '.join(missing)} (source.logs); it holds: {shown or 'nothing'}"
         )
     return [found[f"{log}.csv"] for log in logs]
+
+
+# --------------------------------------------------------------------------- lifelong logs, streamed
+#
+# KuaiRand-27K's logs (23 GB) and LFM-1b's listening events (about 10^9 lines) are read
+# block by block (ssd4rec.data.streaming) into integer ids: their tokens are integers,
+# and Python strings for 10^8 rows would not fit in memory.
+
+KUAIRAND_27K_ARCHIVE = "KuaiRand-27K.tar.gz"
+LFM1B_ITEM_FIELDS = {"artists": 1, "albums": 2, "tracks": 3}  # columns of LFM-1b_LEs.txt
+
+
+def _stacked(users: list, items: list, times: list) -> pd.DataFrame:
+    def cat(parts, dtype):
+        return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+    return pd.DataFrame({"user_id": cat(users, np.int64), "item_id": cat(items, np.int64),
+                         "timestamp": cat(times, np.float64)})
+
+
+def read_kuairand_27k_log(inp: _Input, click_only: bool = True,
+                          block_bytes: int | None = None) -> tuple[pd.DataFrame, int]:
+    """One KuaiRand-27K log CSV, streamed: (the interactions, the number of rows read).
+
+    Columns used: ``user_id``, ``video_id`` (the item), ``time_ms`` (converted to
+    seconds, fraction kept) and, with ``click_only``, ``is_click == 1``.
+    """
+    columns = {"user_id": "user_id", "item_id": "video_id", "time_ms": "time_ms"}
+    if click_only:
+        columns["is_click"] = "is_click"
+    table = Table(sep=",", header=True, columns=columns, integers=frozenset(columns),
+                  expect="KuaiRand log CSV with columns user_id, video_id, time_ms, is_click")
+    users, items, times, n = [], [], [], 0
+    for frame in read_frames(inp.label, inp.open, table, block_bytes):
+        n += len(frame)
+        if click_only:
+            frame = frame[frame["is_click"].to_numpy() == 1]
+        users.append(compact(frame["user_id"].to_numpy()))
+        items.append(compact(frame["item_id"].to_numpy()))
+        times.append(frame["time_ms"].to_numpy() / 1000.0)
+    if n == 0:
+        raise SSD4RecError(f"{inp.label} is empty: no interactions (expected {table.expect})")
+    return _stacked(users, items, times), n
+
+
+def read_lfm1b_events(inp: _Input, interaction_type: str = "tracks", max_users: int | None = None,
+                      block_bytes: int | None = None) -> tuple[pd.DataFrame, int]:
+    """LFM-1b_LEs.txt, streamed: (the listening events, the number of lines read).
+
+    Tab-separated, no header: user-id, artist-id, album-id, track-id, timestamp
+    (unix seconds). The item is the track (or album, artist: ``interaction_type``).
+    ``max_users`` keeps the first users in file order only, while reading.
+    """
+    table = Table(sep="\t", header=False, n_fields=5,
+                  columns={"user_id": 0, "item_id": LFM1B_ITEM_FIELDS[interaction_type], "timestamp": 4},
+                  integers=frozenset({"user_id", "item_id", "timestamp"}),
+                  expect="LFM-1b_LEs.txt lines: user-id, artist-id, album-id, track-id, timestamp (tab-separated)")
+    return _read_user_item_time(inp, table, max_users, block_bytes)
+
+
+def read_atomic_stream(inp: _Input, item_fields: Sequence[str] = ("item_id",), max_users: int | None = None,
+                       block_bytes: int | None = None) -> tuple[pd.DataFrame, int]:
+    """A RecBole .inter file with integer tokens, streamed (e.g. RecSysDatasets' lfm1b-tracks.inter).
+
+    The item column is the first of ``item_fields`` in the header (``tracks_id`` in
+    RecSysDatasets' LFM-1b files).
+    """
+    with inp.open() as raw:
+        try:
+            first = raw.readline().decode("utf-8").rstrip("\r\n")
+        except (OSError, EOFError, zlib.error) as err:
+            raise SSD4RecError(f"{inp.label}: cannot read it ({err}); truncated or corrupt?") from None
+        except UnicodeDecodeError:
+            raise SSD4RecError(f"{inp.label}, line 1 (header): not UTF-8 text") from None
+    columns = first.split("\t")
+    names = [c.split(":", 1)[0] for c in columns]
+    item = next((f for f in item_fields if f in names), None)
+    missing = [n for n in ("user_id", "timestamp") if n not in names] + ([] if item else [" or ".join(item_fields)])
+    if missing:
+        raise SSD4RecError(
+            f"{inp.label}, line 1 (header): a RecBole .inter file needs user_id, {' or '.join(item_fields)} "
+            f"and timestamp; missing {', '.join(missing)}, found {columns}"
+        )
+    table = Table(sep="\t", header=True,
+                  columns={"user_id": columns[names.index("user_id")], "item_id": columns[names.index(item)],
+                           "timestamp": columns[names.index("timestamp")]},
+                  integers=frozenset({"user_id", "item_id"}),
+                  expect="tab-separated RecBole atomic rows with integer user and item tokens")
+    return _read_user_item_time(inp, table, max_users, block_bytes)
+
+
+def _read_user_item_time(inp: _Input, table: Table, max_users: int | None,
+                         block_bytes: int | None) -> tuple[pd.DataFrame, int]:
+    keep = FirstUsers(max_users)
+    users, items, times, n = [], [], [], 0
+    for frame in read_frames(inp.label, inp.open, table, block_bytes):
+        n += len(frame)
+        frame = frame[keep.mask(frame["user_id"].to_numpy())]
+        users.append(compact(frame["user_id"].to_numpy()))
+        items.append(compact(frame["item_id"].to_numpy()))
+        times.append(frame["timestamp"].to_numpy(dtype=np.float64))
+    if n == 0:
+        raise SSD4RecError(f"{inp.label} is empty: no interactions (expected {table.expect})")
+    return _stacked(users, items, times), n
+
+
+def zip_member_stream(path: Path, basename: str, what: str) -> _Input:
+    """A zip member read as a stream (never loaded whole), e.g. LFM-1b.zip's 30 GB LFM-1b_LEs.txt."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+    except (zipfile.BadZipFile, OSError) as err:
+        raise SSD4RecError(f"{path}: not a readable zip archive ({err}); expected {what}") from None
+    matches = sorted((n for n in names if n.rsplit("/", 1)[-1] == basename), key=len)
+    if not matches:
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        raise SSD4RecError(f"{path}: the archive has no member {basename!r} ({what}); it holds: {shown or 'nothing'}")
+
+    class _Member:
+        """The member's stream, closing its archive with it."""
+
+        def __enter__(self):
+            self.zf = zipfile.ZipFile(path)
+            self.fh = self.zf.open(matches[0])
+            return self.fh
+
+        def __exit__(self, *exc):
+            self.fh.close()
+            self.zf.close()
+
+    return _Input(f"{path}:{matches[0]}", _Member)
+
+
+def read_kuairand_27k_tar(path: Path, logs: Sequence[str], click_only: bool,
+                          block_bytes: int | None = None) -> dict[str, tuple[pd.DataFrame, int, str]]:
+    """The ``logs`` of KuaiRand-27K.tar.gz in one streaming pass: log -> (table, rows read, label).
+
+    The archive (9.9 GB) is never extracted: each wanted CSV member is parsed as it
+    streams by.
+    """
+    wanted = {f"{log}.csv": log for log in logs}
+    found: dict[str, tuple[pd.DataFrame, int, str]] = {}
+    seen: list[str] = []
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for member in tf:
+                base = member.name.rsplit("/", 1)[-1]
+                if not member.isfile():
+                    continue
+                seen.append(base)
+                if base in wanted and wanted[base] not in found:
+                    fh = tf.extractfile(member)
+                    label = f"{path}:{member.name}"
+                    df, n = read_kuairand_27k_log(_Input(label, lambda fh=fh: fh), click_only, block_bytes)
+                    found[wanted[base]] = (df, n, label)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise SSD4RecError(f"{path}: not a readable tar.gz archive ({err}); expected {KUAIRAND_27K_ARCHIVE}") from None
+    missing = [name for name, log in wanted.items() if log not in found]
+    if missing:
+        shown = ", ".join(seen[:12]) + (" ..." if len(seen) > 12 else "")
+        raise SSD4RecError(
+            f"{path}: the archive has no member {', '.join(missing)} (source.logs); it holds: {shown or 'nothing'}"
+        )
+    return found

@@ -20,6 +20,15 @@ One pipeline for every dataset (documented in the README, section Datasets):
    ``user_id:token\\titem_id:token\\ttimestamp:float``) to a temporary file in
    the same folder that is renamed onto the target only once it is complete.
 
+Lifelong sources (``kuairand-27k``, ``lfm-1b``) stream their multi-gigabyte logs
+into integer ids (ssd4rec.data.streaming) and may truncate each history
+(``source.max_seq_len``, ``source.keep``) before the filter. ``synthetic-lifelong``
+is generated (ssd4rec.data.synthetic) instead of read.
+
+Every build leaves ``OUT/NAME/.NAME.source.json``, the source options it used; a
+later ``ensure_dataset`` with other source options regenerates a generated dataset
+and refuses to reuse a raw one (it says how to rebuild it).
+
 ``ensure_dataset`` is what the training entry point calls; ``scripts/prepare_dataset.py``
 is the command-line front end.
 """
@@ -27,10 +36,11 @@ is the command-line front end.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +48,11 @@ import pandas as pd
 
 from ssd4rec.data.download import DEFAULT_TIMEOUT_S, RemoteFile
 from ssd4rec.data.download import download as fetch_remote
-from ssd4rec.data.filtering import FIVE_CORE, BuildReport, clean_interactions, parse_intervals
+from ssd4rec.data.filtering import FIVE_CORE, KEEP_CHOICES, BuildReport, clean_interactions, parse_intervals
 from ssd4rec.data.readers import (
     INTER_HEADER,
+    KUAIRAND_27K_ARCHIVE,
+    LFM1B_ITEM_FIELDS,
     _file_input,
     _Input,
     _kuairand_from_dir,
@@ -49,9 +61,15 @@ from ssd4rec.data.readers import (
     _zip_member,
     read_amazon_ratings_csv,
     read_amazon_reviews_json,
+    read_atomic_stream,
+    read_kuairand_27k_log,
+    read_kuairand_27k_tar,
     read_kuairand_log,
+    read_lfm1b_events,
     read_movielens_ratings,
+    zip_member_stream,
 )
+from ssd4rec.data.synthetic import SyntheticParams, generate
 from ssd4rec.errors import SSD4RecError
 
 # The repository's datasets/ folder: per-dataset YAML files, and the default output.
@@ -59,6 +77,13 @@ REPO_DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"
 
 KUAIRAND_STANDARD_LOGS = ("log_standard_4_08_to_4_21_pure", "log_standard_4_22_to_5_08_pure")
 KUAIRAND_ALL_LOGS = KUAIRAND_STANDARD_LOGS + ("log_random_4_22_to_5_08_pure",)
+KUAIRAND_27K_LOGS = (
+    "log_standard_4_08_to_4_21_27k_part1", "log_standard_4_08_to_4_21_27k_part2",
+    "log_standard_4_22_to_5_08_27k_part1", "log_standard_4_22_to_5_08_27k_part2",
+    "log_random_4_22_to_5_08_27k",
+)
+# Rec-Mamba's data_process_kuairec.py reads this one file only.
+KUAIRAND_27K_DEFAULT_LOGS = ("log_standard_4_08_to_4_21_27k_part1",)
 
 
 # --------------------------------------------------------------------------- registry
@@ -78,13 +103,15 @@ class Release:
 class DatasetSpec:
     name: str
     title: str
-    kind: str  # "movielens" | "amazon" | "kuairand" | "atomic"
+    kind: str  # "movielens" | "amazon" | "kuairand" | "kuairand27k" | "lfm1b" | "synthetic" | "atomic"
     releases: tuple[Release, ...]
     default_interval: str | None
     homepage: str
     licence: str
     reference: Mapping | None = None
     reference_label: str = "reference"
+    logs: tuple[str, ...] = ()  # the release's log files (source.logs), KuaiRand only
+    default_logs: tuple[str, ...] = ()
 
     @property
     def default_version(self) -> str:
@@ -193,6 +220,49 @@ _register(DatasetSpec(
 ))
 
 _register(DatasetSpec(
+    name="kuairand-27k",
+    title="KuaiRand-27K",
+    kind="kuairand27k",
+    releases=(
+        Release("27k", "KuaiRand-27K (Gao et al., CIKM 2022), KuaiRand-27K.tar.gz (9.9 GB) from Zenodo record "
+                "10439422", RemoteFile("https://zenodo.org/records/10439422/files/KuaiRand-27K.tar.gz",
+                                       KUAIRAND_27K_ARCHIVE, md5="3e3c799a24e2d23a4d2c757fbf9adf59"),
+                (KUAIRAND_27K_ARCHIVE,)),
+    ),
+    default_interval=None,  # Rec-Mamba filters neither users nor items
+    homepage="https://kuairand.com/",
+    licence="CC BY-SA 4.0 (KuaiRand repository); not shipped with ssd4rec all the same",
+    logs=KUAIRAND_27K_LOGS,
+    default_logs=KUAIRAND_27K_DEFAULT_LOGS,
+))
+
+_register(DatasetSpec(
+    name="lfm-1b",
+    title="LFM-1b (listening events)",
+    kind="lfm1b",
+    releases=(
+        Release("lfm-1b", "LFM-1b (Schedl, ICMR 2016), LFM-1b.zip (about 8 GB) -> LFM-1b_LEs.txt",
+                RemoteFile("https://drive.jku.at/ssf/s/readFile/share/1056/266403063659030189/publicLink/LFM-1b.zip",
+                           "LFM-1b.zip"),
+                ("LFM-1b.zip", "LFM-1b_LEs.txt", "LFM-1b_LEs.txt.gz")),
+    ),
+    default_interval=None,
+    homepage="http://www.cp.jku.at/datasets/LFM-1b/",
+    licence="LFM-1b (JKU Linz): Last.fm API derivative (Last.fm API Terms of Service 4.1), for non-commercial "
+            "research; no licence to redistribute",
+))
+
+_register(DatasetSpec(
+    name="synthetic-lifelong",
+    title="Synthetic lifelong histories (ssd4rec.data.synthetic)",
+    kind="synthetic",
+    releases=(Release("v1", "generated by ssd4rec.data.synthetic.generate (no raw file)", None),),
+    default_interval=None,
+    homepage="ssd4rec/data/synthetic.py",
+    licence="generated data, no licence restriction",
+))
+
+_register(DatasetSpec(
     name="ml-100k",
     title="MovieLens 100K (RecBole's bundled copy)",
     kind="atomic",
@@ -235,11 +305,58 @@ class SourceOptions:
     item_inter_num_interval: str | None
     click_only: bool = True
     logs: tuple[str, ...] = KUAIRAND_STANDARD_LOGS
+    max_seq_len: int | None = None  # lifelong sources: keep each user's first/last max_seq_len
+    keep: str = "last"
+    max_users: int | None = None  # lfm-1b: only the first max_users users of the file
+    interaction_type: str = "tracks"  # lfm-1b: tracks, albums or artists
+    synthetic: SyntheticParams | None = None
+
+    def source_record(self) -> dict:
+        """The options that decide the rows of the built file (saved next to it)."""
+        record = asdict(self)
+        for key in ("user_inter_num_interval", "item_inter_num_interval"):
+            record.pop(key)  # RecBole re-applies the filter at load time anyway
+        record["logs"] = list(self.logs)
+        return record
+
+
+# Keys a dataset's `source:` mapping may hold, by kind (all accept `version`).
+SOURCE_KEYS = {
+    "kuairand": ("click_only", "logs"),
+    "kuairand27k": ("click_only", "logs", "max_seq_len", "keep"),
+    "lfm1b": ("interaction_type", "max_users", "max_seq_len", "keep"),
+    "synthetic": tuple(SyntheticParams.__dataclass_fields__),
+}
 
 
 def default_options(name: str) -> SourceOptions:
     spec = get_spec(name)
-    return SourceOptions(spec.default_version, spec.default_interval, spec.default_interval)
+    extra = {}
+    if spec.default_logs:
+        extra["logs"] = spec.default_logs
+    if spec.kind == "synthetic":
+        extra["synthetic"] = SyntheticParams()
+    return SourceOptions(spec.default_version, spec.default_interval, spec.default_interval, **extra)
+
+
+def _source_mapping(config: Mapping, origin: str) -> dict:
+    """``source:`` plus flat ``source.KEY`` entries (``--source.KEY=VALUE`` on the command line), which win."""
+    source = config.get("source") or {}
+    if not isinstance(source, Mapping):
+        raise SSD4RecError(f"{origin}: 'source' must be a mapping, found {source!r}")
+    merged = dict(source)
+    for key, value in config.items():
+        if isinstance(key, str) and key.startswith("source."):
+            merged[key[len("source."):]] = value
+    return merged
+
+
+def _optional_positive_int(value, key: str, origin: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SSD4RecError(f"{origin}: source.{key} must be a positive integer or null, found {value!r}")
+    return value
 
 
 def options_from_mapping(name: str, config: Mapping, origin: str = "the config") -> SourceOptions:
@@ -256,10 +373,8 @@ def options_from_mapping(name: str, config: Mapping, origin: str = "the config")
                 raise SSD4RecError(f"{origin}: {key} must be a string such as \"[5,inf)\" or null, found {value!r}")
             parse_intervals(value, f"{origin}: {key}")
         intervals[key] = value
-    source = config.get("source") or {}
-    if not isinstance(source, Mapping):
-        raise SSD4RecError(f"{origin}: 'source' must be a mapping, found {source!r}")
-    allowed = {"version"} | ({"click_only", "logs"} if spec.kind == "kuairand" else set())
+    source = _source_mapping(config, origin)
+    allowed = {"version", *SOURCE_KEYS.get(spec.kind, ())}
     unknown = sorted(set(source) - allowed)
     if unknown:
         raise SSD4RecError(
@@ -275,13 +390,31 @@ def options_from_mapping(name: str, config: Mapping, origin: str = "the config")
     if isinstance(logs, str) or not isinstance(logs, Sequence) or not logs:
         raise SSD4RecError(f"{origin}: source.logs must be a non-empty list of log names, found {logs!r}")
     logs = tuple(str(x).removesuffix(".csv") for x in logs)
-    bad = [x for x in logs if x not in KUAIRAND_ALL_LOGS]
+    known_logs = spec.logs or KUAIRAND_ALL_LOGS
+    bad = [x for x in logs if x not in known_logs]
     if bad:
         raise SSD4RecError(
-            f"{origin}: source.logs has unknown log(s) {bad}; KuaiRand-Pure logs are {list(KUAIRAND_ALL_LOGS)}"
+            f"{origin}: source.logs has unknown log(s) {bad}; {spec.title} logs are {list(known_logs)}"
         )
-    return SourceOptions(version, intervals["user_inter_num_interval"],
-                         intervals["item_inter_num_interval"], click_only, logs)
+    keep = source.get("keep", base.keep)
+    if keep not in KEEP_CHOICES:
+        raise SSD4RecError(f"{origin}: source.keep must be one of {', '.join(KEEP_CHOICES)}, found {keep!r}")
+    interaction_type = source.get("interaction_type", base.interaction_type)
+    if interaction_type not in LFM1B_ITEM_FIELDS:
+        raise SSD4RecError(f"{origin}: source.interaction_type must be one of "
+                           f"{', '.join(LFM1B_ITEM_FIELDS)}, found {interaction_type!r}")
+    synthetic = None
+    if spec.kind == "synthetic":
+        params = {k: v for k, v in source.items() if k != "version"}
+        synthetic = SyntheticParams.from_mapping(params, origin)
+    return SourceOptions(
+        version, intervals["user_inter_num_interval"], intervals["item_inter_num_interval"], click_only, logs,
+        max_seq_len=_optional_positive_int(source.get("max_seq_len", base.max_seq_len), "max_seq_len", origin),
+        keep=keep,
+        max_users=_optional_positive_int(source.get("max_users", base.max_users), "max_users", origin),
+        interaction_type=interaction_type,
+        synthetic=synthetic,
+    )
 
 
 def load_source_options(name: str, yaml_path: str | os.PathLike[str] | None = None) -> SourceOptions:
@@ -334,8 +467,14 @@ def read_raw(name: str, raw: str | os.PathLike[str] | Sequence[str | os.PathLike
         if not p.exists():
             raise SSD4RecError(f"raw path {p} does not exist")
     report = BuildReport()
+    if spec.kind == "synthetic":
+        raise SSD4RecError(f"{name} is generated (ssd4rec.data.synthetic), it has no raw file; do not pass one")
     if spec.kind == "kuairand":
         df = _read_kuairand(paths, opts, report)
+    elif spec.kind == "kuairand27k":
+        df = _read_kuairand_27k(paths, opts, report)
+    elif spec.kind == "lfm1b":
+        df = _read_lfm1b(paths, opts, report)
     else:
         if len(paths) != 1:
             raise SSD4RecError(f"{name} is built from one raw file, got {len(paths)}: {[str(p) for p in paths]}")
@@ -414,6 +553,81 @@ def _read_kuairand(paths: list[Path], opts: SourceOptions, report: BuildReport) 
     return pd.concat(frames, ignore_index=True)
 
 
+def _read_kuairand_27k(paths: list[Path], opts: SourceOptions, report: BuildReport) -> pd.DataFrame:
+    """KuaiRand-27K from its archive, its data folder, log CSVs or an atomic copy, streamed."""
+    if len(paths) == 1 and _is_atomic(paths[0]):
+        df, n = read_atomic_stream(_file_input(paths[0]))
+        report.sources.append(str(paths[0]))
+        report.raw_rows = n
+        return df
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        logs = {log: sorted(folder.rglob(f"{log}.csv")) or sorted(folder.rglob(f"{log}.csv.gz"))
+                for log in opts.logs}
+        missing = [log for log, hits in logs.items() if not hits]
+        if missing:
+            archives = sorted(folder.rglob(KUAIRAND_27K_ARCHIVE))
+            if archives and len(missing) == len(opts.logs):
+                return _read_kuairand_27k([archives[0]], opts, report)
+            found = sorted(p.name for p in folder.rglob("*.csv"))
+            raise SSD4RecError(
+                f"{folder}: missing KuaiRand-27K log(s) {', '.join(m + '.csv' for m in missing)} "
+                f"(source.logs); CSV files found: {found or 'none'}"
+            )
+        paths = [hits[0] for hits in logs.values()]
+    if len(paths) == 1 and paths[0].name.endswith((".tar.gz", ".tgz", ".tar")):
+        parts = read_kuairand_27k_tar(paths[0], opts.logs, opts.click_only)
+        parts = [parts[log] for log in opts.logs]  # the order of source.logs, not of the archive
+    else:
+        parts = []
+        for p in paths:
+            if p.is_dir() or not _strip_gz(p.name).endswith(".csv"):
+                raise SSD4RecError(
+                    f"{p}: KuaiRand-27K is built from its log CSVs, their folder, or {KUAIRAND_27K_ARCHIVE}"
+                )
+            inp = _file_input(p)
+            df, n = read_kuairand_27k_log(inp, opts.click_only)
+            parts.append((df, n, inp.label))
+    for _, n, label in parts:
+        report.sources.append(label)
+        report.raw_rows += n
+    if opts.click_only:
+        report.notes.append("KuaiRand-27K: only rows with is_click == 1 kept (source.click_only: true)")
+    return pd.concat([df for df, _, _ in parts], ignore_index=True)
+
+
+def _read_lfm1b(paths: list[Path], opts: SourceOptions, report: BuildReport) -> pd.DataFrame:
+    """LFM-1b from LFM-1b.zip, LFM-1b_LEs.txt(.gz), a folder holding one, or an atomic copy, streamed."""
+    if len(paths) != 1:
+        raise SSD4RecError(f"lfm-1b is built from one raw file, got {len(paths)}: {[str(p) for p in paths]}")
+    path = paths[0]
+    if path.is_dir():
+        path = _find_in_dir(get_spec("lfm-1b"), path)
+    base = _strip_gz(path.name).lower()
+    if _is_atomic(path):
+        # RecSysDatasets' lfm1b-{tracks,albums,artists}.inter name the item column e.g. tracks_id.
+        item_fields = ("item_id", f"{opts.interaction_type}_id")
+        df, n = read_atomic_stream(_file_input(path), item_fields, opts.max_users)
+        label = str(path)
+    elif base.endswith(".zip"):
+        inp = zip_member_stream(path, "LFM-1b_LEs.txt", "LFM-1b listening events")
+        df, n = read_lfm1b_events(inp, opts.interaction_type, opts.max_users)
+        label = inp.label
+    elif base.endswith(".txt"):
+        inp = _file_input(path)
+        df, n = read_lfm1b_events(inp, opts.interaction_type, opts.max_users)
+        label = inp.label
+    else:
+        raise SSD4RecError(f"{path}: not a raw format lfm-1b can be built from; expected LFM-1b.zip, "
+                           f"LFM-1b_LEs.txt(.gz) or a .inter(.gz) file")
+    report.sources.append(label)
+    report.raw_rows = n
+    report.notes.append(f"LFM-1b: items are {opts.interaction_type} (source.interaction_type)")
+    if opts.max_users is not None:
+        report.notes.append(f"LFM-1b: only the first {opts.max_users:,} users of the file kept (source.max_users)")
+    return df
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -426,6 +640,8 @@ def write_inter(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write ``df`` as a RecBole atomic .inter file, atomically (temporary file + os.replace)."""
     path = Path(path)
     for col in ("user_id", "item_id"):
+        if df[col].dtype.kind in "iu":  # integer tokens (lifelong sources) cannot hold a tab
+            continue
         bad = df[col].astype(str).str.contains(r"[\t\r\n]", regex=True)
         if bad.any():
             raise SSD4RecError(
@@ -464,12 +680,54 @@ class BuildResult:
 
 def build_dataset(name: str, raw, out: str | os.PathLike[str],
                   options: SourceOptions | None = None) -> BuildResult:
-    """Read ``raw``, clean it and write ``OUT/NAME/NAME.inter`` (overwriting atomically)."""
+    """Read ``raw`` (or generate), clean it and write ``OUT/NAME/NAME.inter`` (overwriting atomically)."""
     opts = options or load_source_options(name)
-    df, report = read_raw(name, raw, opts)
-    df = clean_interactions(df, opts.user_inter_num_interval, opts.item_inter_num_interval, report)
+    if get_spec(name).kind == "synthetic":
+        if raw:
+            raise SSD4RecError(f"{name} is generated (ssd4rec.data.synthetic), it has no raw file; do not pass one")
+        df = generate(opts.synthetic or SyntheticParams())
+        report = BuildReport(sources=[f"generated: {opts.synthetic or SyntheticParams()}"], raw_rows=len(df),
+                             after_source_filter=len(df))
+    else:
+        df, report = read_raw(name, raw, opts)
+    df = clean_interactions(df, opts.user_inter_num_interval, opts.item_inter_num_interval, report,
+                            max_seq_len=opts.max_seq_len, keep=opts.keep)
     path = write_inter(df, Path(out) / name / f"{name}.inter")
+    write_source_record(path, opts)
     return BuildResult(path, df, report)
+
+
+def source_record_path(inter_path: Path) -> Path:
+    return inter_path.with_name(f".{inter_path.name.removesuffix('.inter')}.source.json")
+
+
+def write_source_record(inter_path: Path, opts: SourceOptions) -> Path:
+    """Save the source options next to the .inter file (temporary file + rename, like the file)."""
+    path = source_record_path(inter_path)
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_text(json.dumps(opts.source_record(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def source_record_mismatch(inter_path: Path, opts: SourceOptions) -> str | None:
+    """How the source options of an existing build differ from ``opts`` (None: same, or no record)."""
+    path = source_record_path(inter_path)
+    if not path.is_file():
+        return None  # built before records existed, or put there by hand: trusted as it is
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"its record {path} is unreadable"
+    wanted = json.loads(json.dumps(opts.source_record()))  # same JSON types as the saved one
+    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if not keys:
+        return None
+    return "; ".join(f"{k}: built with {saved.get(k)!r}, asked for {wanted.get(k)!r}" for k in keys)
 
 
 def _recbole_ml100k() -> Path | None:
@@ -496,7 +754,7 @@ def find_local_raw(name: str, data_path: str | os.PathLike[str],
         for fname in rel.local_names:
             if (folder / fname).is_file():
                 return folder / fname
-        if spec.kind == "kuairand":
+        if spec.kind in ("kuairand", "kuairand27k"):
             if all(any(folder.rglob(f"{log}.csv*")) for log in opts.logs):
                 return folder
         candidates = [folder / f"{name}.inter.gz"] + sorted(folder.glob(f"{name}-*.inter.gz"))
@@ -545,7 +803,16 @@ def ensure_dataset(name: str, data_path: str, raw: str | None = None, download: 
     data_dir = Path(data_path)
     target = data_dir / name / f"{name}.inter"
     if target.is_file():
-        return str(data_dir)
+        stale = source_record_mismatch(target, opts)
+        if stale is None:
+            return str(data_dir)
+        if spec.kind != "synthetic":
+            raise SSD4RecError(
+                f"{target} was built with other source options ({stale}); rebuild it with "
+                f"`python scripts/prepare_dataset.py {name} --force --out {data_dir}` (or delete it), "
+                f"or ask for the options it was built with"
+            )
+        # a generated dataset is simply generated again with the new parameters
     source = resolve_raw(name, data_dir, raw=raw, download=download, options=opts, progress=progress)
     build_dataset(spec.name, source, data_dir, opts)
     return str(data_dir)
@@ -559,6 +826,8 @@ def resolve_raw(name: str, data_path: str | os.PathLike[str], raw=None, download
     opts = options or load_source_options(name)
     if raw:
         return raw
+    if spec.kind == "synthetic":
+        return None  # generated, nothing to find
     local = find_local_raw(name, data_path, opts)
     if local is not None:
         return local
