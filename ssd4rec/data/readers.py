@@ -1,8 +1,9 @@
 """Raw-format readers: each official raw file (or archive member) into a user_id/item_id/timestamp table.
 
-Every reader returns string ``user_id``/``item_id`` tokens and float ``timestamp``
-seconds, and fails with an SSD4RecError naming the file and the first bad line.
-Archives (zip, tar.gz) and gzip-compressed files are read through ``_Input``.
+Every reader returns ``user_id``/``item_id`` tokens (strings; integers for the
+streamed lifelong logs at the end of the module) and float ``timestamp`` seconds,
+and fails with an SSD4RecError naming the file and the first bad line. Archives
+(zip, tar.gz) and gzip-compressed files are read through ``_Input``.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def _first_bad_line(block: bytes, first_line: int, table: Table, width: int, ind
             continue
         fields = line.split(table.sep)
         if len(fields) != width:
-            return f"line {lineno}: expected {width} fields separated by {table.sep!r}, found {len(fields)}: {_short(line)}"
+            return (f"line {lineno}: expected {width} fields separated by {table.sep!r}, "
+                    f"found {len(fields)}: {_short(line)}")
         for i, src, is_int in zip(index, sources, kinds):
             value = fields[i].strip()
             what = _describe(src, table.header)
