@@ -89,3 +89,49 @@ def test_bf16_autocast_forward_and_backward():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     # bf16 matmuls around the scan: agreement to bf16's ~3 significant digits.
     assert (y.float() - reference).abs().max() < 5e-2
+
+
+def reference_layer(layer, x, seq_idx, reverse_index):
+    """A Bi-SSD layer spelled out from its definition: each direction a whole mixer call
+    (its own in_proj and out_proj), the backward one on the reversed stream."""
+    fwd = layer.forward_ssd(x[None], seq_idx[None])[0]
+    bwd = layer.backward_ssd(x[reverse_index][None], seq_idx[None])[0]
+    if layer.align_backward:
+        bwd = bwd[reverse_index]
+    return layer.ffn(layer.dropout(layer.layer_norm(fwd + layer.beta * bwd + x)))
+
+
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_fast_path_equals_definition(align, bias):
+    """One in_proj reversed and one out_proj on the summed directions (plus the last layer
+    run on the kept rows only) equal two full mixer calls, for values and gradients."""
+    encoder = make_encoder(True, align).double()
+    if bias:  # out_proj with a bias takes it (1 + beta) times
+        for layer in encoder.layers:
+            mixer = layer.forward_ssd
+            mixer.out_proj.bias = torch.nn.Parameter(torch.randn(mixer.d_model, dtype=torch.float64))
+    lengths = torch.tensor([3, 9, 1, 12, 6])
+    cu_seqlens = cu_seqlens_from_lengths(lengths)
+    seq_idx, _, reverse_index = segment_layout(cu_seqlens)
+    last_index = cu_seqlens[1:] - 1
+    x = torch.randn(int(cu_seqlens[-1]), 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    x_fast = x.clone().requires_grad_()
+    fast = encoder(x_fast, cu_seqlens, output_index=last_index)
+    x_ref = x.clone().requires_grad_()
+    h = x_ref
+    for layer in encoder.layers:
+        h = reference_layer(layer, h, seq_idx, reverse_index)
+    ref = h[last_index]
+    assert fast.shape == ref.shape == (len(lengths), 32)
+    assert (fast - ref).abs().max() < 1e-10
+
+    weights = torch.randn_like(ref)
+    params = [p for p in encoder.parameters()]
+    g_fast = torch.autograd.grad((fast * weights).sum(), [x_fast] + params, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * weights).sum(), [x_ref] + params, allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a - b).abs().max() <= 1e-10 * (1 + b.abs().max())

@@ -78,8 +78,7 @@ class SSD4Rec(SequentialRecommender):
         x = self.item_embedding(packed.items)
         if self.norm_embedding:
             x = self.emb_layer_norm(self.emb_dropout(x))
-        x = self.encoder(x, packed.cu_seqlens, packed.seq_idx, packed.reverse_index)
-        return x[packed.last_index]
+        return self.encoder(x, packed.cu_seqlens, packed.seq_idx, packed.reverse_index, packed.last_index)
 
     def calculate_loss(self, interaction):
         packed = self.pack(interaction)

@@ -13,7 +13,11 @@ boundaries (seq_idx) stay where they are and nothing leaks between sequences.
 Two choices the paper leaves open, both offered here:
 
 - ``shared_directions``: one SSD mixer for both directions (the official code) or
-  two. With one mixer, both directions run in a single call on a batch of two rows.
+  two. With one mixer, both directions run in a single call on a batch of two rows,
+  and the mixer's two per-token linear maps are shared as well: ``in_proj`` runs once
+  and its output is reversed (in_proj(reverse(x)) = reverse(in_proj(x))), and the two
+  directions are summed before one ``out_proj`` (out_proj(a) + beta out_proj(b) =
+  out_proj(a + beta b), plus (1 + beta) times its bias if it has one).
 - ``align_backward``: the official code adds ``bwd`` to ``fwd`` in the reversed
   order, without flipping it back, so position p of a sequence of length L receives
   the backward state of position L-1-p. At a sequence's last token, the one the
@@ -24,6 +28,7 @@ Two choices the paper leaves open, both offered here:
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssd4rec.data.packing import segment_layout
@@ -47,6 +52,27 @@ class FeedForward(nn.Module):
         return self.dropout(self.layer_norm(h + x))
 
 
+class _ReverseRows(torch.autograd.Function):
+    """x[reverse_index] for a reverse_index that is its own inverse (every sequence flipped
+    in place): the backward pass is the same gather, not the scatter-add that autograd
+    would use for a general index."""
+
+    @staticmethod
+    def forward(ctx, x, reverse_index):
+        ctx.save_for_backward(reverse_index)
+        return x[reverse_index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (reverse_index,) = ctx.saved_tensors
+        return grad[reverse_index], None
+
+
+def reverse_rows(x, reverse_index):
+    """x: (T, ...) packed, reverse_index: (T,) flipping every sequence -> (T, ...)"""
+    return _ReverseRows.apply(x, reverse_index)
+
+
 class BiSSDLayer(nn.Module):
     """One Bi-SSD layer on a packed stream x: (T, d_model)."""
 
@@ -64,19 +90,48 @@ class BiSSDLayer(nn.Module):
     def shared_directions(self):
         return self.backward_ssd is self.forward_ssd
 
-    def forward(self, x, seq_idx, reverse_index):
-        """x: (T, d_model), seq_idx: (T,) int32, reverse_index: (T,) -> (T, d_model)"""
-        x_reversed = x[reverse_index]
-        if self.shared_directions:
-            both = self.forward_ssd(torch.stack([x, x_reversed]), seq_idx.expand(2, -1))
-            fwd, bwd = both[0], both[1]
-        else:
+    def mix(self, x, seq_idx, reverse_index, keep_index=None):
+        """fwd + beta * bwd at every token, or only at the rows keep_index: (K,).
+
+        x: (T, d_model), seq_idx: (T,) int32, reverse_index: (T,) -> (T or K, d_model)
+        """
+        if not self.shared_directions:
             fwd = self.forward_ssd(x[None], seq_idx[None])[0]
-            bwd = self.backward_ssd(x_reversed[None], seq_idx[None])[0]
-        if self.align_backward:
-            bwd = bwd[reverse_index]
-        h = self.dropout(self.layer_norm(fwd + self.beta * bwd + x))
+            bwd = self.backward_ssd(reverse_rows(x, reverse_index)[None], seq_idx[None])[0]
+            if self.align_backward:
+                bwd = reverse_rows(bwd, reverse_index)
+            mixed = fwd + self.beta * bwd
+            return mixed if keep_index is None else mixed[keep_index]
+
+        mixer = self.forward_ssd
+        projected = mixer.in_proj(x)  # (T, P), once for both directions
+        both = torch.stack([projected, reverse_rows(projected, reverse_index)])  # (2, T, P)
+        z, xBC, dt = torch.split(both, [mixer.d_inner, xBC_width(mixer), mixer.nheads], dim=-1)
+        seq_idx2 = seq_idx.expand(2, -1)
+        y = mixer.ssm(mixer.convolve(xBC, seq_idx2), dt, seq_idx2)  # (2, T, d_inner)
+        gated = mixer.norm(y, z)
+        bwd = reverse_rows(gated[1], reverse_index) if self.align_backward else gated[1]
+        combined = gated[0] + self.beta * bwd  # (T, d_inner)
+        if keep_index is not None:
+            combined = combined[keep_index]
+        out = F.linear(combined, mixer.out_proj.weight)
+        if mixer.out_proj.bias is not None:
+            out = out + (1 + self.beta) * mixer.out_proj.bias
+        return out
+
+    def forward(self, x, seq_idx, reverse_index, keep_index=None):
+        """x: (T, d_model), seq_idx: (T,) int32, reverse_index: (T,) -> (T, d_model), or
+        (K, d_model) at the rows keep_index: (K,) only (what the last layer needs)."""
+        mixed = self.mix(x, seq_idx, reverse_index, keep_index)
+        if keep_index is not None:
+            x = x[keep_index]
+        h = self.dropout(self.layer_norm(mixed + x))
         return self.ffn(h)
+
+
+def xBC_width(mixer):
+    """Channels of the mixer's conv input: x, B and C."""
+    return mixer.d_inner + 2 * mixer.ngroups * mixer.d_state
 
 
 class BiSSDEncoder(nn.Module):
@@ -110,11 +165,17 @@ class BiSSDEncoder(nn.Module):
             for _ in range(num_layers)
         )
 
-    def forward(self, x, cu_seqlens, seq_idx=None, reverse_index=None):
+    def forward(self, x, cu_seqlens, seq_idx=None, reverse_index=None, output_index=None):
         """x: (T, d_model) packed; cu_seqlens: (B+1,). seq_idx and reverse_index
-        ((T,) each) may be passed when already known, e.g. from a PackedBatch."""
+        ((T,) each) may be passed when already known, e.g. from a PackedBatch.
+
+        Returns (T, d_model), or with output_index: (K,) only those rows, (K, d_model):
+        then the last layer's out_proj, norms and FFN run on K rows instead of T, since
+        they act per token and nothing after them reads the other rows.
+        """
         if seq_idx is None or reverse_index is None:
             seq_idx, _, reverse_index = segment_layout(cu_seqlens, x.shape[0])
-        for layer in self.layers:
-            x = layer(x, seq_idx, reverse_index)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, seq_idx, reverse_index, output_index if i == last else None)
         return x

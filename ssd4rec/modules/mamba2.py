@@ -41,15 +41,16 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x, z=None):
         """x, z: (..., hidden_size) -> (..., hidden_size)"""
         dtype = x.dtype
-        x = x.float()
+        compute = torch.promote_types(dtype, torch.float32)  # bf16 up to fp32; fp64 stays
+        x = x.to(compute)
         if z is not None:
-            x = x * F.silu(z.float())
+            x = x * F.silu(z.to(compute))
         # F.rms_norm: x * rsqrt(mean(x^2) + eps) [* weight], in fewer passes than spelled out
         gs = self.group_size
         if gs == x.shape[-1]:  # one group: the weight goes in the same call
-            return F.rms_norm(x, (gs,), self.weight.float(), self.eps).to(dtype)
+            return F.rms_norm(x, (gs,), self.weight.to(compute), self.eps).to(dtype)
         grouped = F.rms_norm(x.unflatten(-1, (-1, gs)), (gs,), eps=self.eps)
-        return (grouped.flatten(-2) * self.weight.float()).to(dtype)
+        return (grouped.flatten(-2) * self.weight.to(compute)).to(dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -126,11 +127,11 @@ class Mamba2Mixer(nn.Module):
             backend=CONV_BACKEND[self.backend],
         ).transpose(1, 2)
 
-    def scan(self, xBC, dt, z, seq_idx=None):
-        """The SSD scan, gated norm and output projection.
+    def ssm(self, xBC, dt, seq_idx=None):
+        """The SSD scan alone.
 
         xBC: (b, l, d_inner + 2*ngroups*d_state) after the conv, dt: (b, l, nheads) before
-        bias and softplus, z: (b, l, d_inner) -> (b, l, d_model)
+        bias and softplus -> y: (b, l, d_inner), before the gated norm
         """
         batch, length, _ = xBC.shape
         x, B, C = torch.split(
@@ -139,7 +140,7 @@ class Mamba2Mixer(nn.Module):
         y = ssd_scan(
             x.reshape(batch, length, self.nheads, self.headdim),
             dt,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
             B.reshape(batch, length, self.ngroups, self.d_state),
             C.reshape(batch, length, self.ngroups, self.d_state),
             self.chunk_size,
@@ -150,8 +151,15 @@ class Mamba2Mixer(nn.Module):
             dt_limit=self.dt_limit,
             backend=self.backend,
         )
-        y = self.norm(y.reshape(batch, length, self.d_inner), z)
-        return self.out_proj(y)
+        return y.reshape(batch, length, self.d_inner)
+
+    def scan(self, xBC, dt, z, seq_idx=None):
+        """The SSD scan, gated norm and output projection.
+
+        xBC: (b, l, d_inner + 2*ngroups*d_state) after the conv, dt: (b, l, nheads) before
+        bias and softplus, z: (b, l, d_inner) -> (b, l, d_model)
+        """
+        return self.out_proj(self.norm(self.ssm(xBC, dt, seq_idx), z))
 
     def forward(self, u, seq_idx=None):
         """u: (b, l, d_model), seq_idx: (b, l) int32 or None -> (b, l, d_model)"""
