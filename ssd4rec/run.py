@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ssd4rec import compat
+from ssd4rec import compat, distributed
 from ssd4rec.config import collect_values, make_recbole_config, parse_overrides
 from ssd4rec.data.atomic import check_inter_file
 from ssd4rec.data.dataset import PackedSequentialDataset
@@ -67,7 +67,7 @@ def describe_device(device):
 
 def run(argv, root=REPO_ROOT):
     compat.apply()
-    from recbole.utils import get_model, init_logger, init_seed
+    from recbole.utils import get_model, init_seed
 
     # RecBole's data_preparation, but sampled evaluation (uniN) never samples the
     # user's own items and draws the same negatives every time (ssd4rec.data.sampled_eval).
@@ -89,31 +89,43 @@ def run(argv, root=REPO_ROOT):
             f"checkpoint {checkpoint_path} was saved by model {checkpoint['model']!r}, "
             f"but --model={model_name}"
         )
+    # Several processes (ssd4rec.distributed): `--nproc=N` spawns N workers, each of which
+    # runs this function again; a worker (or a process torchrun started) joins the group.
+    world = distributed.plan(values)
+    if world.spawn:
+        return distributed.spawn(run, (argv, root), world)
+    distributed.start(world, values)
+
     dataset_name = values["dataset"]
-    values["data_path"] = ensure_dataset(
-        dataset_name,
-        values.get("data_path") or "datasets/",
-        raw=values.get("raw"),
-        download=bool(values.get("download")),
-        options=values,
-    )
+    with distributed.rank_zero_first():  # one process builds a missing dataset file
+        values["data_path"] = ensure_dataset(
+            dataset_name,
+            values.get("data_path") or "datasets/",
+            raw=values.get("raw"),
+            download=bool(values.get("download")),
+            options=values,
+        )
     check_inter_file(Path(values["data_path"]) / dataset_name / f"{dataset_name}.inter")
 
     config = make_recbole_config(model_class, dataset_name, values)
+    distributed.configure(config, world)
     # TF32 matmuls on Ampere+ GPUs: ~1.4x faster SSD4Rec epochs on an H100 (README),
     # at TF32's 10-bit mantissa; off by default so that fp32 means fp32.
     torch.backends.cuda.matmul.allow_tf32 = bool(values.get("tf32"))
     torch.backends.cudnn.allow_tf32 = bool(values.get("tf32"))
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    distributed.init_logger(config)  # RecBole's logger, on rank 0 only
     logger = logging.getLogger()
     logger.info(config)
 
     dataset = build_dataset(config, model_class)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    distributed.configure_loader(train_data, config)
 
-    init_seed(config["seed"], config["reproducibility"])
+    # Each rank its own dropout and masking draws, as RecBole does; rank 0's initial
+    # weights, those of one process, are copied to the others when DDP wraps the model.
+    init_seed(config["seed"] + world.rank, config["reproducibility"])
     model_cls = get_model(model_class) if isinstance(model_class, str) else model_class
     model = model_cls(config, train_data._dataset).to(config["device"])
     logger.info(model)
@@ -127,6 +139,7 @@ def run(argv, root=REPO_ROOT):
         from recbole.utils import get_local_time
 
         run_dir = Path(config["checkpoint_dir"]) / f"{model_name}-{dataset_name}-{get_local_time()}"
+    run_dir = Path(distributed.from_rank_zero(str(run_dir)))  # the ranks' clocks may read other seconds
     trainer = Trainer(config, model, run_dir)
     show_progress = bool(config["show_progress"])
 
@@ -153,7 +166,12 @@ def run(argv, root=REPO_ROOT):
         "epochs_run": len(trainer.epoch_seconds),
         "seconds_per_epoch": trainer.epoch_seconds,
         "device": describe_device(config["device"]),
+        "world_size": world.size,
     }
+    # What each rank trained on (a collective: every rank gets here).
+    rows_steps = distributed.gather((trainer.rows_trained, trainer.steps_trained))
+    result["train_rows_per_rank"] = [rows for rows, _ in rows_steps]
+    result["train_steps_per_rank"] = [steps for _, steps in rows_steps]
     logger.info(f"best valid: {result['best_valid_result']}")
     logger.info(f"test result: {result['test_result']}")
     return result

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 
+from ssd4rec import distributed
 from ssd4rec.errors import SSD4RecError
 
 
@@ -95,12 +96,28 @@ class Trainer(RecBoleTrainer):
     """RecBole's training loop and evaluator with weights-only checkpoints in ``run_dir``."""
 
     def __init__(self, config, model, run_dir):
-        super().__init__(config, model)
+        several = not config["single_spec"]
+        # RecBole's AbstractTrainer would wrap the model in DDP itself, with options that
+        # break here (ssd4rec.distributed.wrap_model says which): build a one-process
+        # trainer, then wrap the model our way.
+        if several:
+            model = distributed.sync_batchnorm(model, config["device"])
+        config["single_spec"] = True
+        try:
+            super().__init__(config, model)
+        finally:
+            config["single_spec"] = not several
+        if several:
+            self.distributed_model = distributed.wrap_model(model, config["device"])
+            self.eval_collector = distributed.ShardCollector(config)
+            if not distributed.is_main_process():
+                self.tensorboard = distributed.silence_tensorboard(self.tensorboard)
         self.run_dir = Path(run_dir)
         self.saved_model_file = str(self.run_dir / "best.pth")
         self.last_file = self.run_dir / "last.pth"
         self.config_values = plain_values(config)
         self.epoch_seconds = []  # wall time of each training epoch run by this process
+        self.rows_trained = self.steps_trained = 0  # by this process (its shard, with several)
         # RecBole's own AMP switch autocasts to float16; `amp: bf16` autocasts the
         # loss computation to bfloat16 instead (no GradScaler needed).
         self.amp_dtype = AMP_DTYPES[config["amp"] or "none"] if "amp" in config else None
@@ -112,14 +129,23 @@ class Trainer(RecBoleTrainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self.amp_dtype is not None and loss_func is None:
             loss_func = self._autocast_loss
+        compute_loss = loss_func or self.model.calculate_loss
+
+        def counted_loss(interaction):
+            self.rows_trained += len(interaction)
+            self.steps_trained += 1
+            return compute_loss(interaction)
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        loss = super()._train_epoch(train_data, epoch_idx, counted_loss, show_progress)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.epoch_seconds.append(time.perf_counter() - start)
-        return loss
+        # With several processes, log the mean over ranks: the sum over steps of the
+        # global batch's mean loss, as one process would report it.
+        return distributed.mean_over_ranks(loss, self.device)
 
     def _state(self, epoch, with_training_state):
         state = {
@@ -141,11 +167,15 @@ class Trainer(RecBoleTrainer):
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         """RecBole calls this when validation improves: the best weights."""
         path = kwargs.pop("saved_model_file", self.saved_model_file)
+        if not distributed.is_main_process():
+            return
         atomic_save(self._state(epoch, with_training_state=False), path)
         if verbose:
             self.logger.info(f"Saving best: {path}")
 
     def _save_last(self, epoch, valid_score=None):
+        if not distributed.is_main_process():
+            return
         atomic_save(self._state(epoch, with_training_state=True), self.last_file)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
@@ -156,7 +186,7 @@ class Trainer(RecBoleTrainer):
                 callback_fn(epoch, valid_score)
 
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
-        if saved and self.last_file.exists():
+        if saved and distributed.is_main_process() and self.last_file.exists():
             state = load_checkpoint(self.last_file)
             state["finished"] = True
             atomic_save(state, self.last_file)
@@ -178,7 +208,15 @@ class Trainer(RecBoleTrainer):
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model:
+            distributed.barrier()  # rank 0 may still be writing the file
             path = model_file or self.saved_model_file
             load_weights(self.model, load_checkpoint(path, map_location=self.device), path)
             self.logger.info(f"Loaded weights from {path}")
+        if eval_data and isinstance(self.eval_collector, distributed.ShardCollector):
+            self.eval_collector.set_shard(eval_data.sampler)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def _map_reduce(self, result, num_sample):
+        """RecBole averages per-rank metrics here; ShardCollector already gathered every
+        user's row, so the metrics are those of all users."""
+        return result
