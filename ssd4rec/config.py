@@ -90,6 +90,7 @@ CHECKS = {
     "layer_norm_eps": (lambda v: _number(v) and v > 0, "a positive number"),
     "norm_embedding": (lambda v: isinstance(v, bool), "True or False"),
     "var_len": (lambda v: isinstance(v, bool), "True or False"),
+    "max_history_length": (_positive_int, "a positive integer, or null for whole histories"),
     "shared_directions": (lambda v: isinstance(v, bool), "True or False"),
     "align_backward": (lambda v: isinstance(v, bool), "True or False"),
     "backend": (lambda v: v in ("auto", "torch", "triton"), "one of auto, torch, triton"),

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_KEYS = (
     "dataset", "hidden_size", "num_layers", "d_state", "d_conv", "expand", "headdim",
     "chunk_size", "norm_embedding", "shared_directions", "align_backward", "layer_norm_eps",
-    "var_len", "MAX_ITEM_LIST_LENGTH", "inner_size", "n_layers", "n_heads", "embedding_size",
+    "var_len", "max_history_length", "MAX_ITEM_LIST_LENGTH", "inner_size", "n_layers", "n_heads", "embedding_size",
     "tim4rec_mode", "time_aware", "p2p_residual", "conv_activation", "time_scaling", "time_unit",
     "time_padding", "backbone",
 )

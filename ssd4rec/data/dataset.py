@@ -28,7 +28,8 @@ class PackedSequentialDataset(SequentialDataset):
     and each row of ``inter_feat`` holds the user, the target item and its
     timestamp, ``history_end`` (the target's index in the store) and
     ``item_length`` (the history length). With ``var_len: True`` the history is
-    the user's whole past; otherwise its last ``MAX_ITEM_LIST_LENGTH`` items.
+    the user's whole past (or its last ``max_history_length`` items, if set);
+    otherwise its last ``MAX_ITEM_LIST_LENGTH`` items.
     """
 
     def _change_feat_format(self):
@@ -47,7 +48,12 @@ class PackedSequentialDataset(SequentialDataset):
     def data_augmentation(self):
         self.sort(by=[self.uid_field, self.time_field], ascending=True)
 
-        max_length = None if self.config["var_len"] else self.max_item_list_len
+        if self.config["var_len"]:
+            # No padding either way; max_history_length (null: none) is the official code's
+            # truncation for like-for-like comparisons (it keeps MAX_ITEM_LIST_LENGTH items).
+            max_length = self.config["max_history_length"]
+        else:
+            max_length = self.max_item_list_len
         user_ids = self.inter_feat[self.uid_field]
         history_end, lengths = history_bounds(user_ids, max_length)
         self.history_item = self.inter_feat[self.iid_field].clone()
