@@ -32,8 +32,10 @@ def read_rows(out):
 def test_every_backbone_and_length_is_measured(bench, tmp_path):
     assert bench.main(TINY + ["--out", str(tmp_path), "--backbones", "ssd,sasrec,linrec,mamba"]) == 0
     rows = read_rows(tmp_path)
+    # ssd and sasrec first at every length (the comparison), then the others
     assert [(r["backbone"], r["max_len"]) for r in rows] == [
-        (b, n) for n in ("20", "12") for b in ("ssd", "sasrec", "linrec", "mamba")]
+        ("ssd", "20"), ("sasrec", "20"), ("ssd", "12"), ("sasrec", "12"),
+        ("linrec", "20"), ("linrec", "12"), ("mamba", "20"), ("mamba", "12")]
     assert all(r["train_status"] == "ok" and r["eval_status"] == "ok" for r in rows)
     assert all(float(r["train_step_ms"]) > 0 and float(r["eval_batch_ms"]) > 0 for r in rows)
     assert {r["batch_seqs"] for r in rows} == {"3"}  # 512,000 tokens // L, at most --users
