@@ -9,8 +9,8 @@ the gathered evaluation rows, and bad settings name their key.
 """
 
 import math
-import re
 import os
+import re
 import types
 from pathlib import Path
 
