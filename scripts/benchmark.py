@@ -1,34 +1,49 @@
-"""GPU benchmark of SSD4Rec: encoder throughput and real ML-1M training epochs, in one process.
+"""Benchmark of SSD4Rec against RecBole's SASRec and GRU4Rec on ML-1M, in one process.
 
 Parts (run in the order given by --parts; results are written to --out after every part,
 so a run cut off at a time limit keeps what it finished):
 
   ssd4rec   ML-1M through RecBole at the paper config (config.yaml + datasets/ml-1m.yaml,
-            var_len True, batch 1024): PackedSequentialDataset, data_preparation, SSD4Rec and
-            our Trainer; RecBole's own _train_epoch loop, timed with CUDA synchronisation.
-            fp32 epochs (--epochs; epoch 0 includes the Triton compile/autotune of this
-            process if no earlier part ran the kernels), full-ranking evaluations of the test
-            split (all 6,040 users), a torch.profiler table of a few fp32 training steps, then
-            one epoch per --amp mode: tf32 (cuBLAS TF32 matmuls) or bf16 (the loss computation
-            wrapped in torch.autocast(bfloat16); parameters, backward and optimizer as in fp32).
-            An epoch that would outrun its cap (--epoch-caps, --amp-max-s) is stopped after the
-            batch in progress and extrapolated to the full epoch from the steady per-batch time
-            of the second half of its timed batches (batches are shuffled, so the timed ones
-            are a random sample); the JSON and the table say which numbers are extrapolated.
+            var_len True, batch 1024; --ssd-max-history 200 keeps the last 200 items of each
+            history, as the official code does): PackedSequentialDataset, data_preparation,
+            SSD4Rec and our Trainer; RecBole's own _train_epoch loop, timed with CUDA
+            synchronisation. fp32 epochs (--epochs; epoch 0 includes the Triton compile and
+            autotune of this process if no earlier part ran the kernels), full-ranking
+            evaluations of the test split (all 6,040 users), a torch.profiler table of a few fp32
+            training steps, then one epoch per --amp mode: tf32 (cuBLAS TF32 matmuls) or bf16
+            (the loss computation under torch.autocast(bfloat16); parameters, backward and
+            optimizer as in fp32). An epoch that would outrun its cap (--epoch-caps,
+            --amp-max-s) is stopped after the batch in progress and extrapolated to the full
+            epoch from the steady per-batch time of the second half of its timed batches
+            (batches are shuffled, so the timed ones are a random sample); the outputs say
+            which numbers are extrapolated.
   encoder   BiSSDEncoder (d_model 256, 2 layers, d_state 64, headdim 16, expand 2, shared
             directions, dropout 0.2, train mode) forward+backward on packed batches of equal-
             length sequences (--lengths) with the same total tokens (--tokens): tokens/s and
             peak memory, per precision (--precisions: fp32 = torch's default, TF32 off; tf32 =
             cuBLAS TF32 matmuls; bf16 = bf16 autocast).
+  sweep     time per token and peak memory against sequence length (--sweep-lengths, synthetic
+            histories, --sweep-tokens tokens per step, fp32, forward+backward): our encoder on
+            the packed stream against SASRec's (RecBole's TransformerEncoder, hidden 256, 2
+            layers, 2 heads, causal mask as SASRec builds it) on (tokens / L, L) rows. An out
+            of memory is recorded as such.
   mixer     one Mamba2 mixer alone: ours (Mamba2Mixer) vs mamba_ssm's fused Mamba2, (1, T)
             tokens packed as sequences of 200, forward+backward.
   sasrec    RecBole's SASRec on ML-1M (hidden 256, 2 layers, 2 heads, L=200, CE, batch 1024,
-            fp32), one epoch through the same Trainer (--sasrec-max-s caps it), for the ratio.
+            fp32), epochs through the same Trainer (--sasrec-max-s caps each), for the ratio.
+  gru4rec   RecBole's GRU4Rec on ML-1M (embedding 64, hidden 128, L=200, CE, batch 1024, fp32),
+            likewise (--gru4rec-max-s).
+
+Besides the JSON (--out), it writes benchmark.csv and benchmark.md beside it: one row per
+measurement (what, model, precision, length, seconds, tokens/s, peak GiB, note).
+`--plot DIR` (no GPU needed; matplotlib, `pip install -e ".[bench]"`) turns DIR/benchmark.csv
+into DIR/benchmark.png: time per token and peak memory against length.
 
 Examples (one H100; mamba_ssm, causal_conv1d, recbole installed; datasets/ml-1m/ml-1m.inter built):
-    PYTHONPATH=. python3 scripts/bench_gpu.py --out bench.json                # everything, full epochs
-    PYTHONPATH=. python3 scripts/bench_gpu.py --out bench.json --parts ssd4rec,encoder,mixer \
-        --epoch-caps 330,60 --amp tf32 --amp-max-s 40 --precisions fp32,tf32 --budget-s 500
+    PYTHONPATH=. python3 scripts/benchmark.py --out results/benchmark/bench.json        # everything
+    PYTHONPATH=. python3 scripts/benchmark.py --out bench.json --parts ssd4rec,sasrec,gru4rec,sweep \
+        --ssd-max-history 200 --epoch-caps 60 --amp bf16 --amp-max-s 40 --budget-s 540
+    python scripts/benchmark.py --plot results/benchmark
 """
 
 from __future__ import annotations
@@ -469,7 +484,9 @@ def bench_ssd4rec(args, device):
     res = RESULTS.setdefault("ssd4rec", {})
     res["triton_warm_before"] = _STATE["triton_used"]
     config, trainer, train_data, test_data, t_data = build_pipeline(
-        "SSD4Rec", {"train_batch_size": args.batch_size, "var_len": True}, args)
+        "SSD4Rec", {"train_batch_size": args.batch_size, "var_len": True,
+                    "max_history_length": args.ssd_max_history}, args)
+    res["max_history_length"] = args.ssd_max_history
     res["data_prep_s"] = t_data
     res["train_batches"] = len(train_data)
     res["train_samples"] = len(train_data._dataset)
@@ -513,28 +530,104 @@ def bench_ssd4rec(args, device):
     del trainer
 
 
-def bench_sasrec(args, device):
-    res = RESULTS.setdefault("sasrec", {})
-    overrides = {"train_batch_size": args.batch_size, "hidden_size": 256, "inner_size": 256,
-                 "n_layers": 2, "n_heads": 2, "MAX_ITEM_LIST_LENGTH": 200, "loss_type": "CE"}
-    config, trainer, train_data, test_data, t_data = build_pipeline("SASRec", overrides, args)
+BASELINES = {
+    "sasrec": ("SASRec", {"hidden_size": 256, "inner_size": 256, "n_layers": 2, "n_heads": 2,
+                          "MAX_ITEM_LIST_LENGTH": 200, "loss_type": "CE"}),
+    "gru4rec": ("GRU4Rec", {"embedding_size": 64, "hidden_size": 128, "num_layers": 1,
+                            "dropout_prob": 0.3, "MAX_ITEM_LIST_LENGTH": 200, "loss_type": "CE"}),
+}
+
+
+def bench_baseline(part, args, device):
+    """Epochs of a RecBole baseline on the same data, batch size and Trainer as SSD4Rec."""
+    name, settings = BASELINES[part]
+    res = RESULTS.setdefault(part, {})
+    overrides = {"train_batch_size": args.batch_size, **settings}
+    config, trainer, train_data, test_data, t_data = build_pipeline(name, overrides, args)
     res["data_prep_s"] = t_data
     res["train_batches"] = len(train_data)
-    res["config"] = {k: config[k] for k in ("hidden_size", "inner_size", "n_layers", "n_heads",
-                                            "MAX_ITEM_LIST_LENGTH", "loss_type", "train_batch_size",
-                                            "hidden_dropout_prob", "attn_dropout_prob")}
+    res["config"] = {k: config[k] for k in settings} | {"train_batch_size": config["train_batch_size"]}
     field = trainer.model.ITEM_SEQ_LEN
     res["epochs"] = []
-    for epoch in range(args.sasrec_epochs):
+    max_s = getattr(args, f"{part}_max_s")
+    for epoch in range(getattr(args, f"{part}_epochs")):
         if elapsed() > args.budget_s - 30:
-            RESULTS["notes"].append("sasrec epoch skipped: out of time budget")
+            RESULTS["notes"].append(f"{part} epoch skipped: out of time budget")
             break
-        cap = min(args.sasrec_max_s, max(20.0, args.budget_s - elapsed() - 10))
+        cap = min(max_s, max(20.0, args.budget_s - elapsed() - 10))
         row = timed_epoch(trainer, train_data, epoch, None, cap, lambda inter: inter[field].sum())
-        row["note"] = "tokens = real (unpadded) history items; SASRec computes on 200 padded positions per sample"
+        row["note"] = f"tokens = real (unpadded) history items; {name} computes on 200 padded positions per sample"
         res["epochs"].append(row)
-        _log_epoch("SASRec", row)
+        _log_epoch(name, row)
         save(args.out)
+    if args.evals and elapsed() < args.budget_s - 15:
+        res["eval"] = [evaluate_timed(trainer, test_data, f"{name} test")]
+
+
+def bench_sweep(args, device):
+    """Time per token and peak memory against length: our encoder vs SASRec's, fp32."""
+    from recbole.model.layers import TransformerEncoder
+
+    from ssd4rec.data.packing import segment_layout
+    from ssd4rec.modules import BiSSDEncoder
+
+    torch.manual_seed(0)
+    ours = BiSSDEncoder(d_model=256, num_layers=2, d_state=64, d_conv=4, expand=2, headdim=16,
+                        chunk_size=256, dropout=0.2, beta=0.1).to(device).train()
+    sasrec = TransformerEncoder(n_layers=2, n_heads=2, hidden_size=256, inner_size=256,
+                                hidden_dropout_prob=0.2, attn_dropout_prob=0.2, hidden_act="gelu",
+                                layer_norm_eps=1e-12).to(device).train()
+    rows = RESULTS.setdefault("sweep", [])
+    for length in args.sweep_lengths:
+        nseq = max(1, args.sweep_tokens // length)
+        total = nseq * length
+        for model in ("SSD4Rec encoder", "SASRec encoder"):
+            if elapsed() > args.budget_s - 20:
+                RESULTS["notes"].append(f"sweep {model} L={length} skipped: out of time budget")
+                continue
+            gen = torch.Generator(device=device).manual_seed(length)
+            row = dict(model=model, seq_len=length, sequences=nseq, tokens=total)
+            try:
+                if model.startswith("SSD4Rec"):
+                    cu = torch.arange(0, total + 1, length, device=device)
+                    seq_idx, _, reverse_index = segment_layout(cu, total)
+                    x = torch.randn(total, 256, device=device, generator=gen).requires_grad_()
+
+                    def step():
+                        ours.zero_grad(set_to_none=True)
+                        ours(x, cu, seq_idx, reverse_index).square().mean().backward()
+                else:
+                    x = torch.randn(nseq, length, 256, device=device, generator=gen).requires_grad_()
+                    # SASRec's mask: (B, 1, L, L), causal, 0 where attended and -10000 elsewhere
+                    causal = torch.tril(torch.ones(length, length, device=device, dtype=torch.bool))
+                    mask = torch.where(causal, 0.0, -10000.0)[None, None].expand(nseq, 1, length, length)
+
+                    def step():
+                        sasrec.zero_grad(set_to_none=True)
+                        sasrec(x, mask, output_all_encoded_layers=False)[-1].square().mean().backward()
+
+                reset_peak(device)
+                first, times = time_steps(step, device, 1, args.sweep_repeats)
+                med = statistics.median(times)
+                row.update(median_s=med, us_per_token=med / total * 1e6, tokens_per_s=total / med,
+                           peak_gib=peak_gib(device), status="ok")
+                log(f"sweep {model:16s} L={length:5d} x{nseq:4d}: {med * 1e3:8.1f} ms, "
+                    f"{med / total * 1e9:7.1f} ns/token, peak {row['peak_gib'] or 0:.1f} GiB")
+            except torch.cuda.OutOfMemoryError:
+                row.update(status="out of memory", peak_gib=None)
+                log(f"sweep {model} L={length}: out of memory")
+            rows.append(row)
+            x = step = mask = None  # noqa: F841  (free before the next size)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save(args.out)
+    for model in ("SSD4Rec encoder", "SASRec encoder"):
+        ok = [r for r in rows if r["model"] == model and r["status"] == "ok"]
+        if len(ok) >= 2:
+            ref = next((r for r in ok if r["seq_len"] == 200), ok[0])
+            for r in ok:
+                r["per_token_vs_ref"] = r["us_per_token"] / ref["us_per_token"]
+                r["ref_len"] = ref["seq_len"]
 
 
 def _log_epoch(name, row):
@@ -571,7 +664,7 @@ def print_tables():
         for r in RESULTS["mixer"]:
             lines.append(f"{r['mixer']:28s} {r['precision']:5s} T={r['tokens']} {r['median_s'] * 1e3:8.1f} ms "
                          f"{r['tokens_per_s'] / 1e6:6.2f} M tok/s peak {r['peak_gib'] or 0:.1f} GiB")
-    for name in ("ssd4rec", "sasrec"):
+    for name in ("ssd4rec", "sasrec", "gru4rec"):
         res = RESULTS.get(name)
         if not res:
             continue
@@ -598,10 +691,131 @@ def print_tables():
     print("\n".join(lines), flush=True)
 
 
+CSV_FIELDS = ("what", "model", "precision", "seq_len", "seconds", "steady_seconds", "tokens",
+              "tokens_per_s", "us_per_token", "peak_gib", "note")
+
+
+def result_rows():
+    """Every measurement in RESULTS as one flat row (CSV_FIELDS)."""
+    rows = []
+    for part, label in (("ssd4rec", "SSD4Rec"), ("sasrec", "SASRec"), ("gru4rec", "GRU4Rec")):
+        res = RESULTS.get(part) or {}
+        model = label
+        if part == "ssd4rec" and res.get("max_history_length"):
+            model += f" (history <= {res['max_history_length']})"
+        for r in res.get("epochs", []):
+            note = (f"extrapolated from {r['batches']}/{r['batches_total']} batches" if r["partial"]
+                    else "full epoch")
+            if r["epoch"] == 0 and part == "ssd4rec":
+                note += "; includes Triton warm-up"
+            rows.append(dict(what="train epoch", model=model, precision=r["amp"], seq_len="",
+                             seconds=r.get("est_full_epoch_s"), steady_seconds=r.get("steady_epoch_s"),
+                             tokens=r.get("tokens"), tokens_per_s=r.get("tokens_per_s"),
+                             us_per_token="", peak_gib=r.get("peak_gib"), note=note))
+        for r in res.get("eval", []):
+            rows.append(dict(what="full-ranking eval", model=model, precision="fp32", seq_len="",
+                             seconds=r["time_s"], steady_seconds="", tokens="", tokens_per_s="",
+                             us_per_token="", peak_gib=r.get("peak_gib"), note=f"{r['users']} users"))
+    for r in RESULTS.get("encoder", []):
+        rows.append(dict(what="encoder step", model="SSD4Rec encoder", precision=r["precision"],
+                         seq_len=r["seq_len"], seconds=r["median_s"], steady_seconds="", tokens=r["tokens"],
+                         tokens_per_s=r["tokens_per_s"], us_per_token=r["median_s"] / r["tokens"] * 1e6,
+                         peak_gib=r.get("peak_gib"), note=f"{r['sequences']} sequences"))
+    for r in RESULTS.get("sweep", []):
+        rows.append(dict(what="length sweep", model=r["model"], precision="fp32", seq_len=r["seq_len"],
+                         seconds=r.get("median_s"), steady_seconds="", tokens=r["tokens"],
+                         tokens_per_s=r.get("tokens_per_s"), us_per_token=r.get("us_per_token"),
+                         peak_gib=r.get("peak_gib"),
+                         note=r["status"] if r["status"] != "ok" else
+                         f"per-token time {r.get('per_token_vs_ref', float('nan')):.2f}x that at "
+                         f"L={r.get('ref_len')}"))
+    for r in RESULTS.get("mixer", []):
+        rows.append(dict(what="mixer step", model=r["mixer"], precision=r["precision"], seq_len=200,
+                         seconds=r["median_s"], steady_seconds="", tokens=r["tokens"],
+                         tokens_per_s=r["tokens_per_s"], us_per_token=r["median_s"] / r["tokens"] * 1e6,
+                         peak_gib=r.get("peak_gib"), note=""))
+    return rows
+
+
+def _fmt(value):
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
+    return str(value)
+
+
+def write_tables(out_json):
+    """benchmark.csv and benchmark.md beside the JSON, through temporary files."""
+    import csv
+
+    folder = Path(out_json).parent
+    rows = result_rows()
+    tmp = folder / "benchmark.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
+    os.replace(tmp, folder / "benchmark.csv")
+    env = RESULTS["env"]
+    lines = [f"Device: {env.get('gpu', 'cpu')}; torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"mamba_ssm {env.get('mamba_ssm')}, causal_conv1d {env.get('causal_conv1d')}.", "",
+             "| " + " | ".join(CSV_FIELDS) + " |", "|" + "---|" * len(CSV_FIELDS)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in CSV_FIELDS) + " |" for r in rows]
+    tmp = folder / "benchmark.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, folder / "benchmark.md")
+
+
+def plot(folder):
+    """benchmark.png from benchmark.csv: time per token and peak memory against length."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    with open(folder / "benchmark.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["what"] == "length sweep"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for model in sorted({r["model"] for r in rows}):
+        ok = [r for r in rows if r["model"] == model and r["us_per_token"]]
+        lengths = [int(r["seq_len"]) for r in ok]
+        ax_t.plot(lengths, [float(r["us_per_token"]) * 1e3 for r in ok], "o-", label=model)
+        if all(r["peak_gib"] for r in ok):  # peak memory is known on CUDA only
+            ax_m.plot(lengths, [float(r["peak_gib"]) for r in ok], "o-", label=model)
+        oom = [int(r["seq_len"]) for r in rows if r["model"] == model and r["note"] == "out of memory"]
+        for length in oom:
+            ax_m.axvline(length, color="red", linestyle=":")
+            ax_m.annotate(f"{model}: OOM", (length, 0), rotation=90, fontsize=7, color="red")
+    for ax, label in ((ax_t, "ns per token (fwd+bwd)"), (ax_m, "peak GPU memory (GiB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("sequence length (same tokens per step)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    tmp = folder / "benchmark.png.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, folder / "benchmark.png")
+    print(f"wrote {folder / 'benchmark.png'}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="JSON results path")
-    ap.add_argument("--parts", default="ssd4rec,encoder,mixer", help="comma list of ssd4rec,encoder,mixer,sasrec")
+    ap.add_argument("--out", help="JSON results path (benchmark.csv and .md go beside it)")
+    ap.add_argument("--plot", metavar="DIR", help="only make DIR/benchmark.png from DIR/benchmark.csv")
+    ap.add_argument("--parts", default="ssd4rec,sasrec,gru4rec,sweep,encoder",
+                    help="comma list of ssd4rec,encoder,sweep,mixer,sasrec,gru4rec")
+    ap.add_argument("--ssd-max-history", type=int, default=None,
+                    help="SSD4Rec keeps the last N items of each history (official code: 200)")
+    ap.add_argument("--sweep-lengths", default="50,200,1000,2000,5000")
+    ap.add_argument("--sweep-tokens", type=int, default=100_000, help="tokens per sweep step")
+    ap.add_argument("--sweep-repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dataset", default="ml-1m")
     ap.add_argument("--lengths", default="200,1000,2000,5000")
@@ -619,12 +833,20 @@ def main(argv=None):
     ap.add_argument("--evals", type=int, default=2, help="timed full-ranking test evaluations")
     ap.add_argument("--sasrec-epochs", type=int, default=1)
     ap.add_argument("--sasrec-max-s", type=float, default=1e9, help="cap of each SASRec epoch (s)")
+    ap.add_argument("--gru4rec-epochs", type=int, default=1)
+    ap.add_argument("--gru4rec-max-s", type=float, default=1e9, help="cap of each GRU4Rec epoch (s)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="the whole script's time budget")
     ap.add_argument("--reserve-s", type=float, default=30.0,
                     help="time kept free after an SSD4Rec epoch (evaluation etc.)")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--profile-out", default=None, help="profiler table path (default: beside --out)")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(args.plot)
+        return
+    if not args.out:
+        ap.error("--out is required (or --plot DIR)")
+    args.sweep_lengths = [int(v) for v in args.sweep_lengths.split(",")]
     args.parts = [p for p in args.parts.split(",") if p]
     args.lengths = [int(v) for v in args.lengths.split(",")]
     args.precisions = [p for p in args.precisions.split(",") if p]
@@ -635,7 +857,9 @@ def main(argv=None):
     device = torch.device(args.device)
     record_env(device)
     save(args.out)
-    parts = {"encoder": bench_encoder, "mixer": bench_mixer, "ssd4rec": bench_ssd4rec, "sasrec": bench_sasrec}
+    parts = {"encoder": bench_encoder, "mixer": bench_mixer, "ssd4rec": bench_ssd4rec, "sweep": bench_sweep,
+             "sasrec": lambda a, d: bench_baseline("sasrec", a, d),
+             "gru4rec": lambda a, d: bench_baseline("gru4rec", a, d)}
     for part in args.parts:
         if elapsed() > args.budget_s - 20:
             RESULTS["notes"].append(f"part {part} skipped: out of time budget")
@@ -649,10 +873,12 @@ def main(argv=None):
             traceback.print_exc()
             RESULTS.setdefault("errors", {})[part] = f"{type(err).__name__}: {err}"
         save(args.out)
+        write_tables(args.out)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     RESULTS["total_s"] = elapsed()
     save(args.out)
+    write_tables(args.out)
     print_tables()
 
 
