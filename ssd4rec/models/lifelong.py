@@ -26,11 +26,13 @@ the windows run one after another, all users' k-th windows as one packed batch.
   ended in, per layer (the SSM state and the convolution's last inputs; for linrec the running
   sum k^ v^T), and gradients flow back through that state. So the windows compute exactly one
   run over the whole history, forward and backward (tested): nothing is truncated, not even
-  the gradient. Memory: in training, every window but the last runs under activation
-  checkpointing (``torch.utils.checkpoint``): only its input embeddings, outputs and the
-  (small) states are kept, and its activations are recomputed during backward, one window at a
-  time. Peak activation memory is that of one window of the batch, for one extra forward pass
-  over all windows but the last. Why not detach the state between windows (truncated BPTT)?
+  the gradient (linrec's learned positions count from the history's start; positions past
+  the table of W share its last row). Memory: in training, every window but the last runs
+  under activation checkpointing (``torch.utils.checkpoint``): only its input embeddings,
+  outputs and the (small) states are kept, and its activations are recomputed during
+  backward, one window at a time. Peak activation memory is that of one window of the batch
+  (plus O(L d) per history for those inputs and outputs), for one extra forward pass over all
+  windows but the last. Why not detach the state between windows (truncated BPTT)?
   The autograd graph of every window stays alive until backward anyway, so detaching alone
   saves no memory; with checkpointing, carrying the gradient costs nothing extra and keeps
   training identical to the unwindowed model.

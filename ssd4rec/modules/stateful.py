@@ -141,9 +141,8 @@ class _GatedRMSNormFn(torch.autograd.Function):
     """out = v r w with v = x silu(z), r = rsqrt(mean(v^2 over each group) + eps).
 
     Autograd through the plain form keeps x silu(z), silu(z) and the normalised v, three
-    (T, d_inner) tensors per layer (about 1.2 KB a token at d_inner 100); this keeps x and z,
-    which the scan and in_proj keep alive anyway, and r (one float per group), and recomputes
-    the rest in backward:
+    (T, d_inner) tensors per layer (about 1.2 KB a token at d_inner 100); this keeps only x and
+    z, which the scan and in_proj keep alive anyway, and recomputes the rest in backward:
         n = v r,   g_v = r (g_n - n mean(g_n n)),   g_n = g_out w,   g_w = sum g_out n,
         g_x = g_v silu(z),   g_z = g_v x silu'(z),   silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
     """
@@ -151,21 +150,26 @@ class _GatedRMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, weight, eps, group_size):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            v = (_float(x) * F.silu(_float(z))).unflatten(-1, (-1, group_size))  # (..., groups, g)
-            r = torch.rsqrt(v.square().mean(-1, keepdim=True) + eps)  # (..., groups, 1)
-            out = (v * r).flatten(-2) * _float(weight)
-        ctx.save_for_backward(x, z, weight, r)
-        ctx.group_size = group_size
+            v = _float(x) * F.silu(_float(z))
+            if group_size == v.shape[-1]:
+                out = F.rms_norm(v, (group_size,), _float(weight), eps)  # one fused pass
+            else:
+                out = F.rms_norm(v.unflatten(-1, (-1, group_size)), (group_size,), eps=eps).flatten(-2)
+                out = out * _float(weight)
+        ctx.save_for_backward(x, z, weight)
+        ctx.eps, ctx.group_size = eps, group_size
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g_out):
-        x, z, weight, r = ctx.saved_tensors
+        x, z, weight = ctx.saved_tensors
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf, zf, wf = _float(x), _float(z), _float(weight)
             s = torch.sigmoid(zf)
             silu = zf * s
-            n = (xf * silu).unflatten(-1, (-1, ctx.group_size)) * r  # normalised
+            v = (xf * silu).unflatten(-1, (-1, ctx.group_size))  # (..., groups, g)
+            r = torch.rsqrt(v.square().mean(-1, keepdim=True) + ctx.eps)
+            n = v * r  # normalised
             g = _float(g_out)
             g_w = (g * n.flatten(-2)).reshape(-1, wf.numel()).sum(0)
             g_n = (g * wf).unflatten(-1, (-1, ctx.group_size))
