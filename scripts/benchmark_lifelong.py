@@ -26,6 +26,9 @@ Model: ssd4rec/models/lifelongrec.yaml (hidden 50, 2 blocks, dropout 0.2, loss B
 backend auto: on CUDA the ssd backbone runs mamba_ssm's Triton SSD kernels and causal_conv1d;
 mamba runs mamba_ssm's selective_scan_cuda if it is installed, else the PyTorch scan (the env
 line of the output says which). sasrec is RecBole's TransformerEncoder, causal mask, fp32.
+Precision: fp32 everywhere by default, but mamba_ssm's Triton kernels run their float32 dot
+products in TF32 (Triton's default) while cuBLAS matmuls stay fp32 unless --tf32; run once
+with --tf32 to compare both sides in TF32.
 
 Method: per (backbone, L), --warmup untimed steps first (mamba_ssm's Triton kernels compile
 and autotune on first use per shape, for minutes), then up to --max-batches timed steps, each

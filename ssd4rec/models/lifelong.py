@@ -19,7 +19,8 @@ O(L) tokens, not the O(L^2) of all its prefixes. Histories are packed (no paddin
 
 Windows. ``MAX_ITEM_LIST_LENGTH`` = W is the most tokens of one history that go through the
 backbone at once. A longer history is never truncated (unless ``var_len: False``, which keeps
-its last W items, as Rec-Mamba does): it is cut into windows of W tokens from its start, and
+its last W items, as Rec-Mamba does, or ``max_history_length``, which keeps that many): it is
+cut into windows of W tokens from its start, and
 the windows run one after another, all users' k-th windows as one packed batch.
 
 - Recurrent backbones (ssd, mamba, linrec): window k's scan starts from the state window k-1
