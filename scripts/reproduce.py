@@ -3,7 +3,7 @@
     python scripts/reproduce.py --datasets ml-1m,amazon-beauty,amazon-video-games,kuairand \
         --models SSD4Rec,SASRec,BERT4Rec,GRU4Rec,Caser,Mamba4Rec,TiM4Rec --seeds 2024,2025,2026 \
         [--results results/] [--quick] [--report | --report-only] [--data_path DIR] \
-        [--threads N] [--extra --key=value ...]
+        [--threads N] [--note TEXT] [--extra --key=value ...]
 
 Each run trains to early stopping on validation NDCG@10 through ``ssd4rec.run.run`` (what
 ``python main.py`` does) and leaves ``results/runs/<dataset>/<model>/seed<seed>.json``.
@@ -58,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--report", action="store_true", help="write the report after the runs")
     p.add_argument("--report-only", action="store_true", help="write the report, run nothing")
     p.add_argument("--data_path", default=None, help="folder holding <dataset>/<dataset>.inter")
+    p.add_argument("--note", default=None,
+                   help="free text kept in every new record and shown in the report, e.g. "
+                        "'GPU shared by 5 runs' (it explains a time per epoch)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch's default if not given); on a shared CPU "
                         "fewer threads than cores can be many times faster")
@@ -96,7 +99,8 @@ def main(argv=None):
     status = 0
     if not args.report_only:
         summary = execute(args.datasets, args.models, args.seeds, store, run_in_process,
-                          quick=args.quick, data_path=args.data_path, extra=args.extra)
+                          quick=args.quick, data_path=args.data_path, extra=args.extra,
+                          note=args.note)
         print(f"\n{len(summary['ran'])} run(s) finished now, {len(summary['done'])} already "
               f"finished, {len(summary['skipped'])} skipped, {len(summary['failed'])} failed")
         for what, why in summary["skipped"]:

@@ -271,3 +271,17 @@ def test_one_real_tiny_run(tmp_path):
     assert (store.run_dir("ml-100k", "SASRec", 3) / "best.pth").is_file()
     md_path, _ = store.table_paths()
     assert "| SASRec | 1 |" in md_path.read_text()
+
+
+def test_a_records_note_reaches_the_runs_table(tmp_path):
+    store = ResultStore(tmp_path)
+    r = record("ml-1m", "SSD4Rec", 2024, 0.3)
+    r["note"] = "GPU shared by 5 runs"
+    store.save_run(r)
+    store.save_run(record("ml-1m", "SASRec", 2024, 0.2))
+    md = table.write_report(store, ["ml-1m"], ["SSD4Rec", "SASRec"])
+    runs = md.split("## Runs", 1)[1]
+    ours = next(line for line in runs.splitlines() if "| SSD4Rec |" in line)
+    theirs = next(line for line in runs.splitlines() if "| SASRec |" in line)
+    assert ours.rstrip().endswith("GPU shared by 5 runs |")
+    assert "GPU shared" not in theirs

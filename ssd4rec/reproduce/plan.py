@@ -252,8 +252,9 @@ def task_state(task: Task, store: ResultStore) -> tuple[str, Optional[dict]]:
 
 def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
              quick: bool = False, data_path: Optional[str] = None, extra: Optional[dict] = None,
-             log: Callable[[str], None] = print) -> dict:
-    """Run (or resume, or finish) one task and write its record. Returns the record."""
+             note: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume, or finish) one task and write its record. Returns the record.
+    note: free text kept in the record and shown in the report (e.g. how the GPU was shared)."""
     values = run_overrides(task, quick=quick, data_path=data_path, extra=extra)
     state, info = task_state(task, store)
     if state == "done":
@@ -306,6 +307,8 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
         "versions": _versions(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if note:
+        record["note"] = note
     store.save_run(record)
     return record
 
@@ -315,7 +318,7 @@ def execute(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int]
             data_path: Optional[str] = None, extra: Optional[dict] = None,
             model_check: Callable[[str], Optional[str]] = check_model,
             dataset_check: Optional[Callable[[str], Optional[str]]] = None,
-            log: Callable[[str], None] = print) -> dict:
+            note: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Every task, datasets outermost. Returns counts and the failures:
     {"done": [...], "ran": [...], "failed": [(task, error)], "skipped": [(what, why)]}."""
     if dataset_check is None:
@@ -357,7 +360,7 @@ def execute(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int]
                     continue
                 try:
                     run_task(task, store, run_fn, quick=quick, data_path=data_path,
-                             extra=extra, log=log)
+                             extra=extra, note=note, log=log)
                 except Exception as err:  # one failed run must not stop the sweep
                     text = "".join(traceback.format_exception_only(type(err), err)).strip()
                     store.record_error(dataset, model, seed, text)

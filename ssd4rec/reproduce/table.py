@@ -177,6 +177,8 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
             note.append("test evaluation finished after a restart")
         if r.get("quick"):
             note.append("quick")
+        if r.get("note"):
+            note.append(r["note"])
         md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r.get('epochs', '–')} | "
                   f"{r.get('best_epoch') or '–'} | {'–' if spe is None else f'{spe:.1f}'} | "
                   f"{r.get('device', '–')} | {kernels} | {', '.join(note)} |")
