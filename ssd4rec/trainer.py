@@ -16,10 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
+from recbole.utils import EvaluatorType
 
 from ssd4rec import distributed
+from ssd4rec.data.sampled_eval import score_sampled_rows
 from ssd4rec.errors import SSD4RecError
+from ssd4rec.models import MODELS
 
 
 def plain_values(config):
@@ -215,6 +219,50 @@ class Trainer(RecBoleTrainer):
         if eval_data and isinstance(self.eval_collector, distributed.ShardCollector):
             self.eval_collector.set_shard(eval_data.sampler)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def _neg_sample_batch_eval(self, batched_data):
+        """Score a sampled-evaluation batch (``mode: uniN``) encoding each user's history once.
+
+        RecBole calls ``model.predict`` on the batch as ``NegSampleEvalDataLoader`` builds
+        it: each user's row repeated N + 1 times (the target, then N negatives) with only
+        the item id changed, so under ``uni1000`` every history is encoded 1,001 times for
+        1,001 dot products. ``score_sampled_rows`` encodes it once (one ``full_sort_predict``
+        row per user) and picks the candidates' scores from that row. The result is laid
+        out as RecBole lays it out: a (users in the batch, items) matrix of -inf, filled at
+        [row_idx, candidate item].
+
+        RecBole's method is used instead where that shortcut is not known to give
+        ``predict``'s scores: value (not ranking) evaluation, a model that is not one of
+        ssd4rec's (``score_sampled_rows`` is only valid for models whose ``predict`` equals
+        their ``full_sort_predict`` at the candidate, which RecBole does not promise for its
+        own) or that has no ``full_sort_predict``, and batches in which a user has several
+        evaluated rows (their histories differ, and one row per user would score them all
+        with the first).
+        """
+        interaction, row_idx, positive_u, positive_i = batched_data
+        # The bare module, as RecBole's method and the rest of this trainer use it: with
+        # several processes the DDP wrapper is self.distributed_model, used for training
+        # steps only, and evaluation needs no gradient synchronisation.
+        model = self.model
+        if (
+            self.config["eval_type"] != EvaluatorType.RANKING
+            or row_idx is None
+            or not isinstance(model, tuple(MODELS.values()))
+            or type(model).full_sort_predict is AbstractRecommender.full_sort_predict
+            or positive_u.numel() != int(positive_u[-1]) + 1  # one evaluated row per user
+        ):
+            return super()._neg_sample_batch_eval(batched_data)
+
+        item_field = self.config["ITEM_ID_FIELD"]
+        on_device = interaction.to(self.device)
+        row_idx = row_idx.to(self.device)
+        # RecBole splits predict's rows by eval_batch_size; no split is needed here: a batch
+        # holds more rows than that only when it is one user's, and the (users, items)
+        # scores made on the way are the size of the matrix returned below.
+        origin_scores = score_sampled_rows(model, on_device, row_idx, item_field)
+        scores = torch.full((int(positive_u[-1]) + 1, self.tot_item_num), -np.inf, device=self.device)
+        scores[row_idx, on_device[item_field]] = origin_scores
+        return interaction, scores, positive_u, positive_i
 
     def _map_reduce(self, result, num_sample):
         """RecBole averages per-rank metrics here; ShardCollector already gathered every

@@ -22,6 +22,7 @@ from ssd4rec.data.sources import ensure_dataset
 from ssd4rec.errors import SSD4RecError
 from ssd4rec.models import SSD4Rec
 from ssd4rec.run import run
+from ssd4rec.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 UNI1000 = "--eval_args={split: {LS: valid_and_test}, order: TO, group_by: user, mode: uni1000}"
@@ -168,6 +169,104 @@ def test_packed_predict_scores_the_sampled_candidates(data_dir, one_torch_thread
     assert once_s < predict_s / 5, (once_s, predict_s)
     with pytest.raises(ValueError, match="together"):
         score_sampled_rows(model, interaction, row_idx.flip(0).roll(1), "item_id")
+
+
+# --------------------------------------------------------------------------- the trainer's sampled scoring
+
+# 52 users, 67 items, two users to a uni1000 test batch of 2,002 rows. Each user has fewer than
+# 1,000 unseen items, so uni1000 ranks against all of them (padded with repeats); uni20 draws
+# 20 distinct negatives.
+FEW_USERS = "--user_inter_num_interval=\"[5,21]\""
+
+
+def trainer_evaluation(data_dir, tmp_path, *argv):
+    """(trainer, its test loader, {user: items}), an untrained tiny SSD4Rec."""
+    from recbole.utils import init_seed
+
+    dataset, full, _, test = prepare(data_dir, FEW_USERS, *argv)
+    config = test.config
+    init_seed(config["seed"], config["reproducibility"])
+    model = SSD4Rec(config, dataset)
+    return Trainer(config, model, tmp_path / "run"), test, user_items(full)
+
+
+def recorded_evaluation(trainer, loader, method):
+    """evaluate() with _neg_sample_batch_eval replaced by method (bound to trainer), which is
+    called through; returns (metrics, scores matrix of every batch, sequences encoded)."""
+    model = trainer.model
+    encoded, scores = [0], []
+    forward = type(model).forward
+
+    def counting_forward(*args, **kwargs):
+        out = forward(model, *args, **kwargs)
+        encoded[0] += out.shape[0]  # (histories, hidden)
+        return out
+
+    def recording(batched_data):
+        out = method(trainer, batched_data)
+        scores.append(out[1].clone())
+        return out
+
+    model.forward = counting_forward
+    trainer._neg_sample_batch_eval = recording
+    try:
+        result = trainer.evaluate(loader, load_best_model=False)
+    finally:
+        del model.forward, trainer._neg_sample_batch_eval
+    return result, scores, encoded[0]
+
+
+@pytest.mark.parametrize("mode, eval_batch_size", [
+    ("uni1000", 2048),  # two users a batch
+    ("uni1000", 600),   # one user a batch, which RecBole's predict splits in two
+    ("uni20", 2048),    # many users a batch, distinct negatives
+])
+def test_trainer_scores_sampled_batches_as_recbole_does_encoding_each_history_once(
+        data_dir, tmp_path, one_torch_thread, mode, eval_batch_size):
+    from recbole.trainer import Trainer as RecBoleTrainer
+
+    trainer, test, seen = trainer_evaluation(data_dir, tmp_path, f"--eval_args={{mode: {mode}}}",
+                                             f"--eval_batch_size={eval_batch_size}")
+    ours, our_scores, our_encoded = recorded_evaluation(trainer, test, Trainer._neg_sample_batch_eval)
+    theirs, their_scores, their_encoded = recorded_evaluation(trainer, test, RecBoleTrainer._neg_sample_batch_eval)
+
+    n, users = int(mode[3:]), len(seen)
+    assert users == 52 and their_encoded == (n + 1) * users  # RecBole: every history N + 1 times
+    assert our_encoded == users
+    assert ours == theirs and {"hit@10", "ndcg@10"} <= set(ours)
+    assert len(our_scores) == len(their_scores) == len(test)
+    for mine, recbole in zip(our_scores, their_scores):
+        assert mine.shape == recbole.shape and mine.shape[1] == test._dataset.item_num
+        assert torch.equal(torch.isneginf(mine), torch.isneginf(recbole))  # the same cells filled
+        # a dot product against a matrix product: equal up to float summation order
+        torch.testing.assert_close(mine, recbole, rtol=1e-5, atol=1e-5)
+    # filled: the target and N negatives, or all the user's unseen items where fewer
+    unseen = [test._dataset.item_num - 1 - len(items) for items in seen.values()]
+    assert sum(int((~torch.isneginf(s)).sum()) for s in our_scores) == sum(min(n, u) + 1 for u in unseen)
+
+
+def test_trainer_leaves_other_sampled_batches_to_recbole(data_dir, tmp_path, monkeypatch):
+    from recbole.trainer import Trainer as RecBoleTrainer
+    from recbole.utils import EvaluatorType
+
+    trainer, test, _ = trainer_evaluation(data_dir, tmp_path)
+    trainer.tot_item_num = test._dataset.item_num
+    interaction, row_idx, positive_u, positive_i = batch = next(iter(test))
+    calls = []
+    monkeypatch.setattr(RecBoleTrainer, "_neg_sample_batch_eval", lambda self, data: calls.append(data) or "recbole")
+
+    assert trainer._neg_sample_batch_eval(batch)[1].shape == (2, test._dataset.item_num) and not calls
+    # a user with two evaluated rows (two different histories)
+    two_rows = (interaction, row_idx, torch.tensor([0, 0, 1]), positive_i)
+    assert trainer._neg_sample_batch_eval(two_rows) == "recbole"
+    # value evaluation (scores of rows, no ranking matrix)
+    monkeypatch.setitem(trainer.config.final_config_dict, "eval_type", EvaluatorType.VALUE)
+    assert trainer._neg_sample_batch_eval(batch) == "recbole"
+    monkeypatch.setitem(trainer.config.final_config_dict, "eval_type", EvaluatorType.RANKING)
+    # a model that is not one of ssd4rec's: its predict need not equal full_sort_predict
+    monkeypatch.setattr(trainer, "model", torch.nn.Linear(1, 1))
+    assert trainer._neg_sample_batch_eval(batch) == "recbole"
+    assert len(calls) == 3
 
 
 # --------------------------------------------------------------------------- sampler unit tests
