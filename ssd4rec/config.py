@@ -7,6 +7,7 @@ model depends on so that a bad value fails here with the key's name, not deep
 inside RecBole or PyTorch.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,27 @@ from ssd4rec.errors import SSD4RecError
 
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "models"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; learning rates are written that way, and
+    RecBole's own loader reads them as floats too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text):
+    """yaml.safe_load, with 1e-3 read as a float."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def parse_overrides(argv):
@@ -32,7 +54,7 @@ def parse_overrides(argv):
         if not key:
             raise SSD4RecError(f"command-line argument {arg!r}: the key is empty")
         try:
-            overrides[key] = yaml.safe_load(text) if text else None
+            overrides[key] = load_yaml(text) if text else None
         except yaml.YAMLError:
             overrides[key] = text
     return overrides
@@ -44,7 +66,7 @@ def read_yaml(path):
     if not path.is_file():
         raise SSD4RecError(f"config file {path} does not exist")
     try:
-        content = yaml.safe_load(path.read_text())
+        content = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -29,3 +29,15 @@ def test_other_models_bring_their_published_settings():
 def test_command_line_wins_and_reads_yaml_values():
     values = values_for("--model=TiM4Rec", "--dataset=amazon-beauty", "--num_layers=3", "--topk=[5, 10]")
     assert values["num_layers"] == 3 and values["topk"] == [5, 10]
+
+
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    """YAML 1.1 would read 1e-3 as the string '1e-3', which the learning_rate check rejects."""
+    from ssd4rec.config import parse_overrides, read_yaml
+
+    assert parse_overrides(["--learning_rate=1e-3", "--weight_decay=5E-5", "--topk=[1e1,20]"]) == {
+        "learning_rate": 1e-3, "weight_decay": 5e-5, "topk": [10.0, 20]}
+    assert parse_overrides(["--dataset=ml-1m", "--gpu_id=1e"]) == {"dataset": "ml-1m", "gpu_id": "1e"}
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 2e-4\nname: 3e\n")
+    assert read_yaml(path) == {"learning_rate": 2e-4, "name": "3e"}
