@@ -212,7 +212,8 @@ def read_inter(path: str | os.PathLike[str]) -> pd.DataFrame:
     return _read_atomic(_file_input(Path(path)))
 
 
-def _read_atomic(inp: _Input) -> pd.DataFrame:
+def _read_header_line(inp: _Input) -> str:
+    """The first line of an atomic file, decoded; errors name the file."""
     with inp.open() as raw:
         try:
             first = raw.readline().decode("utf-8").rstrip("\r\n")
@@ -220,6 +221,11 @@ def _read_atomic(inp: _Input) -> pd.DataFrame:
             raise SSD4RecError(f"{inp.label}: cannot read it ({err}); truncated or corrupt?") from None
         except UnicodeDecodeError:
             raise SSD4RecError(f"{inp.label}, line 1 (header): not UTF-8 text") from None
+    return first
+
+
+def _read_atomic(inp: _Input) -> pd.DataFrame:
+    first = _read_header_line(inp)
     if not first.strip():
         raise SSD4RecError(f"{inp.label} is empty: expected a RecBole header such as {INTER_HEADER!r}")
     columns = first.split("\t")
@@ -447,13 +453,7 @@ def read_atomic_stream(inp: _Input, item_fields: Sequence[str] = ("item_id",), m
     The item column is the first of ``item_fields`` in the header (``tracks_id`` in
     RecSysDatasets' LFM-1b files).
     """
-    with inp.open() as raw:
-        try:
-            first = raw.readline().decode("utf-8").rstrip("\r\n")
-        except (OSError, EOFError, zlib.error) as err:
-            raise SSD4RecError(f"{inp.label}: cannot read it ({err}); truncated or corrupt?") from None
-        except UnicodeDecodeError:
-            raise SSD4RecError(f"{inp.label}, line 1 (header): not UTF-8 text") from None
+    first = _read_header_line(inp)
     columns = first.split("\t")
     names = [c.split(":", 1)[0] for c in columns]
     item = next((f for f in item_fields if f in names), None)

@@ -106,7 +106,7 @@ class BiSSDLayer(nn.Module):
         mixer = self.forward_ssd
         projected = mixer.in_proj(x)  # (T, P), once for both directions
         both = torch.stack([projected, reverse_rows(projected, reverse_index)])  # (2, T, P)
-        z, xBC, dt = torch.split(both, [mixer.d_inner, xBC_width(mixer), mixer.nheads], dim=-1)
+        z, xBC, dt = mixer.split_projection(both)
         seq_idx2 = seq_idx.expand(2, -1)
         y = mixer.ssm(mixer.convolve(xBC, seq_idx2), dt, seq_idx2)  # (2, T, d_inner)
         gated = mixer.norm(y, z)
@@ -127,11 +127,6 @@ class BiSSDLayer(nn.Module):
             x = x[keep_index]
         h = self.dropout(self.layer_norm(mixed + x))
         return self.ffn(h)
-
-
-def xBC_width(mixer):
-    """Channels of the mixer's conv input: x, B and C."""
-    return mixer.d_inner + 2 * mixer.ngroups * mixer.d_state
 
 
 class BiSSDEncoder(nn.Module):

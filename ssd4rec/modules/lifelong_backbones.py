@@ -47,7 +47,10 @@ class _ResidualMixerLayer(nn.Module):
         return self.ffn(self.LayerNorm(x + self.dropout(y)))
 
 
-class SSDBackbone(nn.Module):
+class _StatefulStack(nn.Module):
+    """Dropout and LayerNorm on the input, then num_layers residual mixer layers; a
+    subclass names its mixer (``make_mixer(config, d_model)``) and how it runs it."""
+
     carries_state = True
 
     def __init__(self, config):
@@ -56,13 +59,17 @@ class SSDBackbone(nn.Module):
         self.dropout = nn.Dropout(config["dropout_prob"])
         self.LayerNorm = nn.LayerNorm(d, eps=eps)
         self.layers = nn.ModuleList(
-            _ResidualMixerLayer(
-                StatefulMamba2Mixer(d, d_state=config["d_state"], d_conv=config["d_conv"],
-                                    expand=config["expand"], headdim=config["headdim"],
-                                    chunk_size=config["chunk_size"], backend=config["backend"]),
-                d, config["inner_size"], config["dropout_prob"], eps)
+            _ResidualMixerLayer(self.make_mixer(config, d), d, config["inner_size"], config["dropout_prob"], eps)
             for _ in range(config["num_layers"])
         )
+
+
+class SSDBackbone(_StatefulStack):
+    @staticmethod
+    def make_mixer(config, d):
+        return StatefulMamba2Mixer(d, d_state=config["d_state"], d_conv=config["d_conv"],
+                                   expand=config["expand"], headdim=config["headdim"],
+                                   chunk_size=config["chunk_size"], backend=config["backend"])
 
     def forward(self, e, positions, seg, state=None, want_state=False):
         x = self.LayerNorm(self.dropout(e))
@@ -74,21 +81,11 @@ class SSDBackbone(nn.Module):
         return x, (new_state if want_state else None)
 
 
-class MambaBackbone(nn.Module):
-    carries_state = True
-
-    def __init__(self, config):
-        super().__init__()
-        d, eps = config["hidden_size"], config["layer_norm_eps"]
-        self.dropout = nn.Dropout(config["dropout_prob"])
-        self.LayerNorm = nn.LayerNorm(d, eps=eps)
-        self.layers = nn.ModuleList(
-            _ResidualMixerLayer(
-                StatefulMambaBlock(d, d_state=config["d_state"], d_conv=config["d_conv"],
-                                   expand=config["expand"], backend=config["backend"]),
-                d, config["inner_size"], config["dropout_prob"], eps)
-            for _ in range(config["num_layers"])
-        )
+class MambaBackbone(_StatefulStack):
+    @staticmethod
+    def make_mixer(config, d):
+        return StatefulMambaBlock(d, d_state=config["d_state"], d_conv=config["d_conv"],
+                                  expand=config["expand"], backend=config["backend"])
 
     def forward(self, e, positions, seg, state=None, want_state=False):
         x = seg.to_padded(self.LayerNorm(self.dropout(e)))  # (B, L, d); causal: padding is never read

@@ -110,10 +110,12 @@ class Mamba2Mixer(nn.Module):
 
     def project(self, u):
         """u: (b, l, d_model) -> z: (b, l, d_inner), xBC: (b, l, d_inner + 2*ngroups*d_state), dt: (b, l, nheads)"""
+        return self.split_projection(self.in_proj(u))
+
+    def split_projection(self, projected):
+        """in_proj's output (..., P) -> z, xBC, dt (see project)."""
         return torch.split(
-            self.in_proj(u),
-            [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads],
-            dim=-1,
+            projected, [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads], dim=-1
         )
 
     def convolve(self, xBC, seq_idx=None):
