@@ -140,6 +140,9 @@ def run(argv, root=REPO_ROOT):
 
         run_dir = Path(config["checkpoint_dir"]) / f"{model_name}-{dataset_name}-{get_local_time()}"
     run_dir = Path(distributed.from_rank_zero(str(run_dir)))  # the ranks' clocks may read other seconds
+    # RecBole's Trainer creates checkpoint_dir with exists-then-makedirs, which races when
+    # several ranks start together; make it here first, where existing is fine.
+    Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, model, run_dir)
     show_progress = bool(config["show_progress"])
 
