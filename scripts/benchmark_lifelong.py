@@ -66,6 +66,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -124,6 +125,7 @@ def model_config(args, backbone, length, device):
     })
     if args.hidden:
         values["hidden_size"] = args.hidden
+    values.update(args.set)
     return values
 
 
@@ -250,6 +252,8 @@ def measure(args, backbone, length, device, deadline):
     except Exception as err:  # noqa: BLE001 - recorded, and the next measurement goes on
         row.update(train_status="OOM" if is_oom(err) else "error")
         row["note"] += f"train: {type(err).__name__}: {str(err).splitlines()[0][:160]} "
+    if args.profile and row.get("train_status") == "ok" and (backbone, length) == args.profile_job:
+        profile_steps(train_step, device, args.out / f"profile_{backbone}_{length}.txt")
     optimizer.zero_grad(set_to_none=True)
     free_memory(device)
 
@@ -267,6 +271,22 @@ def measure(args, backbone, length, device, deadline):
     del model, optimizer, store
     free_memory(device)
     return row
+
+
+def profile_steps(step, device, path, steps=3):
+    """torch.profiler over `steps` warm training steps: the kernels by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    path.write_text(f"{steps} training steps\n{table}\n")
+    log(f"profile: {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +341,8 @@ def write_markdown(rows, env, args, path):
         f"Synthetic histories of exactly L items ({args.items:,} items); {args.tokens_per_batch:,} tokens "
         f"per training batch (histories per batch = tokens // L); an epoch = {args.users:,} histories; "
         f"eval = uni{args.eval_negatives} (1 + {args.eval_negatives} candidates per user). "
-        f"Loss {rows[0]['loss'] if rows else ''}, amp {args.amp}, TF32 {'on' if args.tf32 else 'off'}.",
+        f"Loss {rows[0]['loss'] if rows else ''}, amp {args.amp}, TF32 {'on' if args.tf32 else 'off'}"
+        + (f"; model config overrides (--set): {args.set}." if args.set else "."),
         "",
         "| backbone | L | batch | train step (ms) | train epoch (s) | tokens/s | train peak (GiB) "
         "| eval batch (ms) | eval epoch (s) | eval peak (GiB) | memory % sasrec | time % sasrec |",
@@ -420,7 +441,25 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="none", choices=("none", "bf16"))
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls (cuBLAS) on GPU")
     p.add_argument("--seed", type=int, default=2024)
-    return p.parse_args(argv)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config key (YAML value), e.g. --set headdim=50; repeatable")
+    p.add_argument("--profile", default="", metavar="BACKBONE:L",
+                   help="also write OUT/profile_BACKBONE_L.txt: torch.profiler over 3 training steps")
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    args.set = overrides
+    args.profile_job = None
+    if args.profile:
+        backbone, sep, length = args.profile.partition(":")
+        if not sep or not length.isdigit():
+            p.error(f"--profile {args.profile!r}: expected BACKBONE:L, e.g. ssd:2000")
+        args.profile_job = (backbone, int(length))
+    return args
 
 
 def main(argv=None):

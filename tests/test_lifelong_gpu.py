@@ -4,7 +4,7 @@ Skipped without CUDA, mamba_ssm's Triton SSD kernels and causal_conv1d (the CPU 
 GPU the ssd and linrec backbones run mamba_ssm's Triton scan (TF32 dots: agreement at the
 1e-3 level, see tests/test_gpu.py) and the ssd backbone causal_conv1d on channels padded to
 a multiple of 8; the windowed runs also exercise the state carried between windows.
-First use compiles and autotunes the Triton kernels (a minute or two per head/state size).
+First use compiles the Triton kernels (autotuning is skipped: see tests/conftest.py).
 """
 
 import importlib
@@ -25,7 +25,8 @@ def _gpu_kernels_available():
 
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _gpu_kernels_available(), reason="needs CUDA and mamba_ssm/causal_conv1d")]
+              pytest.mark.skipif(not _gpu_kernels_available(), reason="needs CUDA and mamba_ssm/causal_conv1d"),
+              pytest.mark.usefixtures("pinned_triton_configs")]  # tests/conftest.py says why
 
 N_ITEMS = 200
 

@@ -115,9 +115,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 if x.stride(1) != 1 or x.stride(0) % 8 or x.stride(2) % 8:
                     x = x.transpose(1, 2).contiguous().transpose(1, 2)
                 seq_idx = seq_idx.to(torch.int32).contiguous()
-            elif x.stride(2) != 1 and (x.stride(1) != 1 or x.stride(0) % 8 or x.stride(2) % 8):
-                # Strided views the kernel would read as unaligned channel-last input (a
-                # (b, l, c) tensor transposed, c not a multiple of 8): give it channel-first.
+            elif x.stride(2) != 1 and (x.stride(1) != 1 or x.shape[1] % 8 or x.stride(0) % 8
+                                       or x.stride(2) % 8):
+                # Strided views the kernel would read as channel-last input it rejects: its
+                # channel-last path needs a channel count that is a multiple of 8, and 16-byte
+                # aligned rows (a (b, l, c) tensor transposed with c % 8 != 0, or Mamba-1's x,
+                # 100 channels out of a 200-wide projection at hidden 50). Give it channel-first.
                 x = x.contiguous()
             return fn(x, weight.contiguous(), bias, seq_idx=seq_idx, activation=activation)
         if backend == "cuda":
