@@ -6,17 +6,26 @@ so a run cut off at a time limit keeps what it finished):
   ssd4rec   ML-1M through RecBole at the paper config (config.yaml + datasets/ml-1m.yaml,
             var_len True, batch 1024; --ssd-max-history 200 keeps the last 200 items of each
             history, as the official code does): PackedSequentialDataset, data_preparation,
-            SSD4Rec and our Trainer; RecBole's own _train_epoch loop, timed with CUDA
-            synchronisation. fp32 epochs (--epochs; epoch 0 includes the Triton compile and
-            autotune of this process if no earlier part ran the kernels), full-ranking
-            evaluations of the test split (all 6,040 users), a torch.profiler table of a few fp32
-            training steps, then one epoch per --amp mode: tf32 (cuBLAS TF32 matmuls) or bf16
-            (the loss computation under torch.autocast(bfloat16); parameters, backward and
+            SSD4Rec and our Trainer; its _train_epoch (the sync-free loop, as config.yaml's
+            sync_free_step: True; see the part step), timed with CUDA synchronisation. fp32
+            epochs (--epochs; epoch 0 includes the Triton compile and autotune of this
+            process if no earlier part ran the kernels), full-ranking evaluations of the
+            test split (all 6,040 users), a torch.profiler table of a few fp32 training
+            steps, then one epoch per --amp mode: tf32 (cuBLAS TF32 matmuls) or bf16 (the
+            loss computation under torch.autocast(bfloat16); parameters, backward and
             optimizer as in fp32). An epoch that would outrun its cap (--epoch-caps,
             --amp-max-s) is stopped after the batch in progress and extrapolated to the full
             epoch from the steady per-batch time of the second half of its timed batches
             (batches are shuffled, so the timed ones are a random sample); the outputs say
             which numbers are extrapolated.
+  step      the training loops compared on the same SSD4Rec pipeline (as ssd4rec, in one
+            process): RecBole's own Trainer._train_epoch (sync_free_step False: loss.item() and
+            a NaN check every step) against ours (True: the loss read once per run, batches
+            copied to the GPU one ahead from pinned memory). After --step-warmup batches of
+            each (Triton compile and autotune), --step-repeats rounds of one run of each loop,
+            a run being the first --step-batches batches of an epoch, per --step-precisions
+            mode. Compared by each run's synchronised wall time over all its batches (s per
+            batch), not per-batch stamps: without syncs the host runs ahead of the GPU.
   encoder   BiSSDEncoder (d_model 256, 2 layers, d_state 64, headdim 16, expand 2, shared
             directions, dropout 0.2, train mode) forward+backward on packed batches of equal-
             length sequences (--lengths) with the same total tokens (--tokens): tokens/s and
@@ -43,6 +52,8 @@ Examples (one H100; mamba_ssm, causal_conv1d, recbole installed; datasets/ml-1m/
     PYTHONPATH=. python3 scripts/benchmark.py --out results/benchmark/bench.json        # everything
     PYTHONPATH=. python3 scripts/benchmark.py --out bench.json --parts ssd4rec,sasrec,gru4rec,sweep \
         --ssd-max-history 200 --epoch-caps 60 --amp bf16 --amp-max-s 40 --budget-s 540
+    PYTHONPATH=. python3 scripts/benchmark.py --out results/step/bench.json --parts step \
+        --ssd-max-history 200 --step-batches 50 --step-repeats 3 --step-precisions fp32,bf16
     python scripts/benchmark.py --plot results/benchmark
 """
 
@@ -340,7 +351,11 @@ def build_pipeline(model_name, overrides, args):
 
 
 def timed_epoch(trainer, train_data, epoch_idx, amp, max_s, token_counter):
-    """One epoch of RecBole's Trainer._train_epoch (stopped early past max_s), synchronised.
+    """One epoch of the Trainer's _train_epoch (stopped early past max_s), synchronised.
+
+    The loop is the trainer's: the sync-free one unless trainer.sync_free_step is False. With
+    it the host runs ahead of the GPU, so the per-batch stamps (batch_start_s and the steady
+    rate taken from them) say when a step was queued; time_s is synchronised at both ends.
 
     amp: None (fp32, torch's default: TF32 off), "tf32" (cuBLAS TF32 matmuls for the whole
     epoch) or "bf16" (the loss computation under torch.autocast(bfloat16); backward and the
@@ -529,6 +544,84 @@ def bench_ssd4rec(args, device):
     del trainer
 
 
+class FirstBatches:
+    """The first ``limit`` batches of a RecBole training loader, with what _train_epoch
+    uses of a loader: iteration, len, shuffle, sampler."""
+
+    def __init__(self, loader, limit):
+        self.loader, self.limit = loader, limit
+        self.shuffle, self.sampler = loader.shuffle, loader.sampler
+
+    def __len__(self):
+        return min(self.limit, len(self.loader))
+
+    def __iter__(self):
+        for done, batch in enumerate(self.loader):
+            if done == len(self):
+                break
+            yield batch
+
+
+STEP_LOOPS = {False: "RecBole loop", True: "sync-free loop"}
+
+
+def bench_step(args, device):
+    """RecBole's training loop (sync_free_step False) against ours (True) on one SSD4Rec
+    pipeline: --step-repeats rounds, each timing the first --step-batches batches of an epoch
+    with one loop, then the other. Compared by the synchronised wall time over all the
+    batches of a run: with the sync-free loop the host runs ahead of the GPU, so the
+    per-batch start stamps of timed_epoch say when a step was queued, not when it ran."""
+    res = RESULTS.setdefault("step", {})
+    config, trainer, train_data, _, t_data = build_pipeline(
+        "SSD4Rec", {"train_batch_size": args.batch_size, "var_len": True,
+                    "max_history_length": args.ssd_max_history}, args)
+    res.update(max_history_length=args.ssd_max_history, data_prep_s=t_data, train_batches=len(train_data),
+               step_batches=args.step_batches, runs=[])
+    field = trainer.model.ITEM_SEQ_LEN
+
+    def counter(inter):
+        return inter[field].sum()
+
+    epoch = 0
+    for amp in args.step_precisions:
+        amp = None if amp == "fp32" else amp
+        # Warm-up (Triton compile and autotune, the allocator's first blocks), both loops.
+        for sync_free in (False, True):
+            trainer.sync_free_step = sync_free
+            timed_epoch(trainer, FirstBatches(train_data, args.step_warmup), epoch, amp, None, counter)
+            epoch += 1
+        _STATE["triton_used"] = True
+        for repeat in range(args.step_repeats):
+            for sync_free in (False, True):
+                if elapsed() > args.budget_s - 20:
+                    RESULTS["notes"].append(
+                        f"step {amp or 'fp32'} repeat {repeat} skipped: out of time budget")
+                    continue
+                trainer.sync_free_step = sync_free
+                capped = FirstBatches(train_data, args.step_batches)
+                row = timed_epoch(trainer, capped, epoch, amp, None, counter)
+                epoch += 1
+                row.update(loop=STEP_LOOPS[sync_free], sync_free_step=sync_free, repeat=repeat,
+                           s_per_batch=row["time_s"] / max(row["batches"], 1))
+                for key in ("batch_start_s", "steady_s_per_batch", "steady_epoch_s", "est_full_epoch_s"):
+                    row.pop(key, None)  # host-side stamps: not what the GPU did (see above)
+                res["runs"].append(row)
+                log(f"step {row['amp']} {row['loop']:14s} #{repeat}: {row['time_s']:.2f} s for "
+                    f"{row['batches']} batches, {row['s_per_batch'] * 1e3:.1f} ms/batch, "
+                    f"{row.get('tokens_per_s', 0) / 1e6:.2f} M tok/s")
+                save(args.out)
+        runs = [r for r in res["runs"] if r["amp"] == (amp or "fp32")]
+        medians = {loop: statistics.median(r["s_per_batch"] for r in runs if r["loop"] == loop)
+                   for loop in STEP_LOOPS.values() if any(r["loop"] == loop for r in runs)}
+        if len(medians) == 2:
+            speedup = medians["RecBole loop"] / medians["sync-free loop"]
+            res.setdefault("speedup", {})[amp or "fp32"] = speedup
+            log(f"step {amp or 'fp32'}: median ms/batch RecBole loop {medians['RecBole loop'] * 1e3:.1f}, "
+                f"sync-free loop {medians['sync-free loop'] * 1e3:.1f}: {speedup:.3f}x")
+    trainer.sync_free_step = True
+    del trainer
+
+
 BASELINES = {
     "sasrec": ("SASRec", {"hidden_size": 256, "inner_size": 256, "n_layers": 2, "n_heads": 2,
                           "MAX_ITEM_LIST_LENGTH": 200, "loss_type": "CE"}),
@@ -667,7 +760,7 @@ def print_tables():
         res = RESULTS.get(name)
         if not res:
             continue
-        lines += ["", f"{name} on {RESULTS['args']['dataset']} (RecBole Trainer._train_epoch, batch 1024); data prep "
+        lines += ["", f"{name} on {RESULTS['args']['dataset']} (Trainer._train_epoch, batch 1024); data prep "
                       f"{res.get('data_prep_s', 0):.1f} s, {res.get('train_batches')} batches/epoch"]
         lines.append(f"{'epoch':>5s} {'prec':5s} {'timed s':>8s} {'batches':>9s} {'epoch s':>8s} "
                      f"{'steady s':>8s} {'M tok/s':>8s} {'peak GiB':>8s}  note")
@@ -684,6 +777,17 @@ def print_tables():
             p = res["profile"]
             lines.append(f"profile: {p['steps']} steps {p['wall_s']:.2f} s wall, GPU kernels {p['gpu_kernel_s']:.2f} s; "
                          f"loader {p['loader_s_per_batch'] * 1e3:.0f} ms/batch, h2d {p['h2d_s_per_batch'] * 1e3:.1f} ms/batch")
+    step = RESULTS.get("step")
+    if step and step.get("runs"):
+        args = RESULTS["args"]
+        lines += ["", f"training loops on {args['dataset']} (SSD4Rec, batch {args['batch_size']}, first "
+                      f"{step['step_batches']} batches of an epoch per run; synchronised wall time)"]
+        for r in step["runs"]:
+            lines.append(f"{r['amp']:5s} {r['loop']:14s} #{r['repeat']}: {r['time_s']:7.2f} s, "
+                         f"{r['batches']:4d} batches, {r['s_per_batch'] * 1e3:8.1f} ms/batch, "
+                         f"{r.get('tokens_per_s', 0) / 1e6:6.2f} M tok/s")
+        for prec, speedup in step.get("speedup", {}).items():
+            lines.append(f"{prec}: sync-free loop {speedup:.3f}x the RecBole loop (median ms/batch)")
     if RESULTS["notes"]:
         lines += ["", "notes:"] + [f"- {n}" for n in RESULTS["notes"]]
     lines.append("=" * 100)
@@ -715,6 +819,16 @@ def result_rows():
             rows.append(dict(what="full-ranking eval", model=model, precision="fp32", seq_len="",
                              seconds=r["time_s"], steady_seconds="", tokens="", tokens_per_s="",
                              us_per_token="", peak_gib=r.get("peak_gib"), note=f"{r['users']} users"))
+    step = RESULTS.get("step") or {}
+    step_model = "SSD4Rec"
+    if step.get("max_history_length"):
+        step_model += f" (history <= {step['max_history_length']})"
+    for r in step.get("runs", []):
+        rows.append(dict(what="train steps", model=step_model, precision=r["amp"], seq_len="",
+                         seconds=r["s_per_batch"], steady_seconds="", tokens=r.get("tokens"),
+                         tokens_per_s=r.get("tokens_per_s"), us_per_token="", peak_gib=r.get("peak_gib"),
+                         note=f"{r['loop']} (sync_free_step {r['sync_free_step']}), s per batch over "
+                              f"{r['batches']} batches, run {r['repeat']}"))
     for r in RESULTS.get("encoder", []):
         rows.append(dict(what="encoder step", model="SSD4Rec encoder", precision=r["precision"],
                          seq_len=r["seq_len"], seconds=r["median_s"], steady_seconds="", tokens=r["tokens"],
@@ -809,7 +923,7 @@ def main(argv=None):
     ap.add_argument("--out", help="JSON results path (benchmark.csv and .md go beside it)")
     ap.add_argument("--plot", metavar="DIR", help="only make DIR/benchmark.png from DIR/benchmark.csv")
     ap.add_argument("--parts", default="ssd4rec,sasrec,gru4rec,sweep,encoder",
-                    help="comma list of ssd4rec,encoder,sweep,mixer,sasrec,gru4rec")
+                    help="comma list of ssd4rec,step,encoder,sweep,mixer,sasrec,gru4rec")
     ap.add_argument("--ssd-max-history", type=int, default=None,
                     help="SSD4Rec keeps the last N items of each history (official code: 200)")
     ap.add_argument("--sweep-lengths", default="50,200,1000,2000,5000")
@@ -837,6 +951,10 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="the whole script's time budget")
     ap.add_argument("--reserve-s", type=float, default=30.0,
                     help="time kept free after an SSD4Rec epoch (evaluation etc.)")
+    ap.add_argument("--step-batches", type=int, default=50, help="batches per timed run of the step part")
+    ap.add_argument("--step-warmup", type=int, default=5, help="warm-up batches of each loop (step part)")
+    ap.add_argument("--step-repeats", type=int, default=3, help="timed runs of each loop (step part)")
+    ap.add_argument("--step-precisions", default="fp32", help="comma list of fp32,tf32,bf16 (step part)")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--profile-out", default=None, help="profiler table path (default: beside --out)")
     args = ap.parse_args(argv)
@@ -850,6 +968,7 @@ def main(argv=None):
     args.lengths = [int(v) for v in args.lengths.split(",")]
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.amp = [a for a in args.amp.split(",") if a]
+    args.step_precisions = [p for p in args.step_precisions.split(",") if p]
     args.epoch_caps = [float(v) for v in args.epoch_caps.split(",") if v]
     args.profile_out = args.profile_out or str(Path(args.out).with_name("profile.txt"))
     RESULTS["args"] = vars(args)
@@ -857,6 +976,7 @@ def main(argv=None):
     record_env(device)
     save(args.out)
     parts = {"encoder": bench_encoder, "mixer": bench_mixer, "ssd4rec": bench_ssd4rec, "sweep": bench_sweep,
+             "step": bench_step,
              "sasrec": lambda a, d: bench_baseline("sasrec", a, d),
              "gru4rec": lambda a, d: bench_baseline("gru4rec", a, d)}
     for part in args.parts:

@@ -118,6 +118,7 @@ CHECKS = {
     "backend": (lambda v: v in ("auto", "torch", "triton"), "one of auto, torch, triton"),
     "amp": (lambda v: v in ("none", "bf16"), "one of none, bf16"),
     "tf32": (lambda v: isinstance(v, bool), "True or False"),
+    "sync_free_step": (lambda v: isinstance(v, bool), "True or False"),
     # RecBole's keys for several processes (ssd4rec.distributed)
     "nproc": (_positive_int, "a positive integer (processes on this machine)"),
     "world_size": (_positive_int, "a positive integer (processes on all machines)"),

@@ -8,19 +8,29 @@ then renamed, so a crash never leaves half a checkpoint.
 A run directory holds two files:
   best.pth  the weights of the best validation epoch (what test metrics use)
   last.pth  the full training state after the latest validation, for resuming
+
+The training loop (``sync_free_step: True``, the default) is RecBole's without its two
+device-to-host reads per step (``loss.item()`` and the NaN check): the loss is summed on
+the device and read once per epoch, and each batch is copied to the device one batch
+ahead (see ``prefetch``). ``sync_free_step: False`` runs RecBole's own loop.
 """
 
+import math
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
-from recbole.utils import EvaluatorType
+from recbole.utils import EvaluatorType, get_gpu_usage, set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
 
 from ssd4rec import distributed
+from ssd4rec.data.packing import HOST_TOTAL_TOKENS
 from ssd4rec.data.sampled_eval import score_sampled_rows
 from ssd4rec.errors import SSD4RecError
 from ssd4rec.models import MODELS
@@ -96,6 +106,46 @@ def load_weights(model, checkpoint, path):
         ) from None
 
 
+def to_device(interaction, device, length_field=None):
+    """An interaction batch on ``device``; on CUDA copied from pinned memory without
+    blocking the host (the copy runs in stream order before the kernels that read it).
+
+    length_field: the field of history lengths; when the batch has it on the CPU, its sum
+    is taken there, before the copy, and set as the moved batch's ``HOST_TOTAL_TOKENS``
+    (ssd4rec.data.packing), so that packing the batch reads nothing back from the device.
+    """
+    total_tokens = None
+    if length_field is not None and length_field in interaction:
+        lengths = interaction[length_field]
+        if lengths.device.type == "cpu":
+            total_tokens = int(lengths.sum())
+    if device.type == "cuda":
+        moved = Interaction({
+            key: (value.pin_memory() if value.device.type == "cpu" else value).to(device, non_blocking=True)
+            for key, value in interaction.interaction.items()
+        })
+    else:
+        moved = interaction.to(device)
+    if total_tokens is not None:
+        setattr(moved, HOST_TOTAL_TOKENS, total_tokens)
+    return moved
+
+
+def prefetch(batches, device, length_field=None):
+    """The batches on ``device``, each one's copy queued before the previous one is handed
+    out: while the training step of batch k is queued and runs, batch k + 1 is already on
+    its way (see to_device)."""
+    iterator = iter(batches)
+    try:
+        ahead = to_device(next(iterator), device, length_field)
+    except StopIteration:
+        return
+    for batch in iterator:
+        current, ahead = ahead, to_device(batch, device, length_field)
+        yield current
+    yield ahead
+
+
 class Trainer(RecBoleTrainer):
     """RecBole's training loop and evaluator with weights-only checkpoints in ``run_dir``."""
 
@@ -125,6 +175,12 @@ class Trainer(RecBoleTrainer):
         # RecBole's own AMP switch autocasts to float16; `amp: bf16` autocasts the
         # loss computation to bfloat16 instead (no GradScaler needed).
         self.amp_dtype = AMP_DTYPES[config["amp"] or "none"] if "amp" in config else None
+        # True: our training loop, which reads nothing back from the device inside a step;
+        # False: RecBole's own (two device-to-host reads per step). See _sync_free_epoch.
+        self.sync_free_step = config["sync_free_step"] if "sync_free_step" in config else True
+        if self.sync_free_step is None:
+            self.sync_free_step = True
+        self._hook_input = None
 
     def _autocast_loss(self, interaction):
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
@@ -143,13 +199,86 @@ class Trainer(RecBoleTrainer):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        loss = super()._train_epoch(train_data, epoch_idx, counted_loss, show_progress)
+        if self.sync_free_step:
+            loss = self._sync_free_epoch(train_data, epoch_idx, counted_loss, show_progress)
+        else:
+            loss = super()._train_epoch(train_data, epoch_idx, counted_loss, show_progress)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.epoch_seconds.append(time.perf_counter() - start)
         # With several processes, log the mean over ranks: the sum over steps of the
         # global batch's mean loss, as one process would report it.
         return distributed.mean_over_ranks(loss, self.device)
+
+    def _sync_free_epoch(self, train_data, epoch_idx, loss_func, show_progress=False):
+        """RecBole's Trainer._train_epoch, with one device-to-host read per epoch.
+
+        The same steps in the same order (set_epoch, reduce hook, fp16 autocast and grad
+        scaler when RecBole's enable_amp / enable_scaler ask for them, gradient clipping),
+        and the same result: the sum of the batches' losses as a float, or a tuple of sums
+        for a model whose loss is a tuple. The sum is kept on the device and read once at
+        the end, where a NaN is reported (RecBole checks every step; here the epoch's
+        remaining steps have run by then).
+        """
+        self.model.train()
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        batches = prefetch(train_data, self.device, getattr(self.model, "ITEM_SEQ_LEN", None))
+        if show_progress:
+            batches = tqdm(batches, total=len(train_data), ncols=100,
+                           desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+        total = self._train_steps(batches, loss_func, show_progress)
+        if total is None:
+            return None
+        sums = total.tolist()  # the epoch's one device-to-host read: a float, or a list for tuple losses
+        if any(math.isnan(value) for value in (sums if isinstance(sums, list) else [sums])):
+            raise ValueError(f"Training loss is nan (epoch {epoch_idx})")
+        return tuple(sums) if isinstance(sums, list) else sums
+
+    def _train_steps(self, batches, loss_func, show_progress=False):
+        """One training step per batch (already on the device); returns the detached sum of
+        their losses on the device, float64: () for a loss, (parts,) for a tuple of losses;
+        None for no batches. Nothing here waits for the device, except RecBole's fp16 grad
+        scaler (enable_scaler), whose step reads its overflow check back."""
+        several = not self.config["single_spec"]
+        scaler = torch.amp.GradScaler("cuda", enabled=self.enable_scaler)
+        total = None
+        for interaction in batches:
+            self.optimizer.zero_grad()
+            sync_loss = 0
+            if several:
+                self.set_reduce_hook()
+                sync_loss = self.sync_grad_loss()
+            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                losses = loss_func(interaction)
+            # Each loss is one value (RecBole reads it with .item()), of any shape: ()/(1,)
+            if isinstance(losses, tuple):
+                loss = sum(losses)
+                parts = torch.stack([part.detach().to(torch.float64).reshape(()) for part in losses])
+            else:
+                loss = losses
+                parts = losses.detach().to(torch.float64).reshape(())
+            total = parts if total is None else total + parts
+            scaler.scale(loss + sync_loss).backward()
+            if self.clip_grad_norm:
+                clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+            scaler.step(self.optimizer)
+            scaler.update()
+            if self.gpu_available and show_progress:
+                batches.set_postfix_str(set_color("GPU RAM: " + get_gpu_usage(self.device), "yellow"))
+        return total
+
+    def set_reduce_hook(self):
+        """RecBole's, with its dummy input made on the device once: RecBole copies
+        ``LongTensor([0])`` from the host every step, a synchronising copy on CUDA."""
+        if self._hook_input is None:
+            self._hook_input = torch.zeros(1, dtype=torch.long, device=self.device)
+        forward = self.model.forward
+        self.model.forward = lambda x: x
+        try:
+            self.distributed_model(self._hook_input)
+        finally:
+            self.model.forward = forward
 
     def _state(self, epoch, with_training_state):
         state = {

@@ -39,6 +39,17 @@ class PackedBatch:
     targets: torch.Tensor = None
 
 
+# A training batch whose history lengths were summed on the host before it was copied to
+# the device carries that sum, T, as this attribute (ssd4rec.trainer.prefetch sets it), so
+# that packing it needs no device-to-host read of T.
+HOST_TOTAL_TOKENS = "host_total_tokens"
+
+
+def host_total_tokens(interaction):
+    """T of an interaction batch as summed on the host, or None when it was not."""
+    return getattr(interaction, HOST_TOTAL_TOKENS, None)
+
+
 def cu_seqlens_from_lengths(lengths):
     """lengths: (B,) -> cu_seqlens: (B+1,) int64, starting at 0."""
     return torch.nn.functional.pad(lengths.long().cumsum(0), (1, 0))

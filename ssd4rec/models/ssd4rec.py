@@ -16,7 +16,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
-from ssd4rec.data.packing import pack_batch
+from ssd4rec.data.packing import host_total_tokens, pack_batch
 from ssd4rec.models.init import sasrec_init
 from ssd4rec.modules.bissd import BiSSDEncoder
 
@@ -71,6 +71,7 @@ class SSD4Rec(SequentialRecommender):
             targets=interaction[self.POS_ITEM_ID] if self.POS_ITEM_ID in interaction else None,
             mask_ratio=self.mask_ratio if self.training else 0.0,
             mask_token=MASK_TOKEN,
+            total_tokens=host_total_tokens(interaction),
         )
 
     def forward(self, packed):

@@ -91,7 +91,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
-from ssd4rec.data.packing import pack_batch
+from ssd4rec.data.packing import host_total_tokens, pack_batch
 from ssd4rec.data.time_gaps import scale_gaps, time_gaps
 from ssd4rec.errors import SSD4RecError
 from ssd4rec.models.init import sasrec_init
@@ -308,7 +308,7 @@ class TiM4Rec(SequentialRecommender):
             )
         return pack_batch(
             self.history_item, self.history_time, interaction[HISTORY_END_FIELD],
-            interaction[self.ITEM_SEQ_LEN], targets=targets,
+            interaction[self.ITEM_SEQ_LEN], targets=targets, total_tokens=host_total_tokens(interaction),
         )
 
     def time_input(self, timestamps, seq_idx=None, num_segments=None):
