@@ -18,8 +18,8 @@ by the PyTorch backend in float32 on the GPU:
 
 Run with ``pytest -s tests/test_gpu.py`` to print the measured errors. On a fresh machine the
 first use of each Triton kernel class (dtype, head dim, state size, chunk size, options)
-compiles and autotunes mamba_ssm's kernels for one to two minutes; the whole file needs
-about 6-8 minutes there, most of it compilation.
+compiles mamba_ssm's kernels; the ``pinned_triton_configs`` fixture (tests/conftest.py) skips
+their autotuning, which otherwise took minutes per test.
 """
 
 import importlib
@@ -46,7 +46,8 @@ def _gpu_kernels_available():
     return ssd_mod._load_triton_scan()[0] is not None and conv_mod._load_cuda_conv1d()[0] is not None
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_kernels_available(), reason=SKIP_REASON)]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_kernels_available(), reason=SKIP_REASON),
+              pytest.mark.usefixtures("pinned_triton_configs")]  # tests/conftest.py says why
 
 DEV = "cuda"
 
@@ -383,13 +384,15 @@ def test_tissd_cuda_kernels_match_torch_with_unaligned_channels(d_model):
         assert ((got - want).norm() / want.norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("channels", [4, 12, 640])
-def test_causal_conv1d_cuda_strided_input_without_seq_idx(channels):
+@pytest.mark.parametrize("channels,width", [(4, 4), (12, 12), (640, 640), (100, 200)])
+def test_causal_conv1d_cuda_strided_input_without_seq_idx(channels, width):
     """Without seq_idx, a transposed (b, l, c) view reaches the kernel as channel-last; with c
-    not a multiple of 8 the kernel rejects its strides (seen in TiM4Rec's faithful mode, 4
-    heads). The dispatch must hand it a layout it takes, with the torch values."""
+    not a multiple of 8 the kernel rejects it (seen in TiM4Rec's faithful mode, 4 heads, and in
+    Mamba-1's x: the first 100 channels of a 200-wide projection, rows 16-byte aligned). The
+    dispatch must hand it a layout it takes, with the torch values."""
     gen = torch.Generator().manual_seed(channels)
-    x = torch.randn(2, 50, channels, generator=gen).to(DEV).transpose(1, 2)  # (b, c, l), stride(1) == 1
+    wide = torch.randn(2, 50, width, generator=gen).to(DEV)  # (b, l, width)
+    x = wide[:, :, :channels].transpose(1, 2)  # (b, c, l), stride(1) == 1, stride(2) == width
     weight = torch.randn(channels, 4, generator=gen).to(DEV)
     bias = torch.randn(channels, generator=gen).to(DEV)
     y_k = causal_conv1d(x, weight, bias, activation="silu", backend="cuda")
