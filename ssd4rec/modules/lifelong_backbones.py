@@ -20,6 +20,12 @@ window's last token. ``carries_state`` says whether a backbone has such a state 
 The recurrent ones start from their embeddings as Mamba4Rec does (LN(Dropout(e)), no
 positions); the attention ones as SASRec does (Dropout(LN(e + position))). State layout: one
 entry per layer, each a tuple of (B, ...) tensors.
+
+Every LN of every backbone is ``ssd4rec.modules.layer_norm.LayerNorm`` (same parameters and
+state_dict keys as ``nn.LayerNorm``): at Rec-Mamba's hidden size 50, PyTorch's CUDA LayerNorm
+kernel is slow (that module says why and how much). The modules borrowed from Mamba4Rec and
+RecBole (FFNs, ``TransformerEncoder``) get theirs swapped by ``replace_layer_norms``, so the
+sasrec baseline runs the same LayerNorm as the others.
 """
 
 import torch
@@ -28,6 +34,7 @@ from recbole.model.layers import TransformerEncoder
 from torch import nn
 
 from ssd4rec.models.mamba4rec import FeedForward
+from ssd4rec.modules.layer_norm import LayerNorm, replace_layer_norms
 from ssd4rec.modules.linrec import LinRecAttention
 from ssd4rec.modules.stateful import StatefulMamba2Mixer, StatefulMambaBlock
 
@@ -39,8 +46,8 @@ class _ResidualMixerLayer(nn.Module):
         super().__init__()
         self.mixer = mixer
         self.dropout = nn.Dropout(dropout)
-        self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
-        self.ffn = FeedForward(d_model, inner_size, dropout, eps)
+        self.LayerNorm = LayerNorm(d_model, eps=eps)
+        self.ffn = replace_layer_norms(FeedForward(d_model, inner_size, dropout, eps))
 
     def forward(self, x, y):
         """x: layer input, y: mixer output (same shape)."""
@@ -57,7 +64,7 @@ class _StatefulStack(nn.Module):
         super().__init__()
         d, eps = config["hidden_size"], config["layer_norm_eps"]
         self.dropout = nn.Dropout(config["dropout_prob"])
-        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+        self.LayerNorm = LayerNorm(d, eps=eps)
         self.layers = nn.ModuleList(
             _ResidualMixerLayer(self.make_mixer(config, d), d, config["inner_size"], config["dropout_prob"], eps)
             for _ in range(config["num_layers"])
@@ -104,7 +111,7 @@ class _PositionEmbedding(nn.Module):
         super().__init__()
         d = config["hidden_size"]
         self.position_embedding = nn.Embedding(window, d)
-        self.LayerNorm = nn.LayerNorm(d, eps=config["layer_norm_eps"])
+        self.LayerNorm = LayerNorm(d, eps=config["layer_norm_eps"])
         self.dropout = nn.Dropout(config["dropout_prob"])
 
     def forward(self, e, positions):
@@ -118,12 +125,12 @@ class SASRecBackbone(nn.Module):
     def __init__(self, config, window):
         super().__init__()
         self.embed = _PositionEmbedding(config, window)
-        self.encoder = TransformerEncoder(
+        self.encoder = replace_layer_norms(TransformerEncoder(
             n_layers=config["num_layers"], n_heads=config["n_heads"], hidden_size=config["hidden_size"],
             inner_size=config["inner_size"], hidden_dropout_prob=config["dropout_prob"],
             attn_dropout_prob=config["attn_dropout_prob"], hidden_act="gelu",
             layer_norm_eps=config["layer_norm_eps"],
-        )
+        ))
 
     def forward(self, e, positions, seg, state=None, want_state=False):
         """positions: (T,) within the window (SASRec's windows are independent)."""
@@ -150,7 +157,8 @@ class LinRecBackbone(nn.Module):
             for _ in range(config["num_layers"])
         )
         self.ffn = nn.ModuleList(
-            TransformerFeedForward(d, config["inner_size"], p, "gelu", eps) for _ in range(config["num_layers"])
+            replace_layer_norms(TransformerFeedForward(d, config["inner_size"], p, "gelu", eps))
+            for _ in range(config["num_layers"])
         )
 
     def forward(self, e, positions, seg, state=None, want_state=False):

@@ -26,10 +26,10 @@ Shapes: T packed tokens, B sequences, h heads, d_k = d_v = hidden_size / h.
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssd4rec.modules.layer_norm import LayerNorm
 from ssd4rec.modules.stateful import ssd_final_state, ssd_state_readout
 from ssd4rec.ops import ssd_scan
 
@@ -73,7 +73,7 @@ class LinRecAttention(nn.Module):
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
         self.dense = nn.Linear(hidden_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps)  # see ssd4rec.modules.layer_norm
         self.out_dropout = nn.Dropout(hidden_dropout_prob)
 
     def forward(self, x, seg, state=None, want_state=False):
