@@ -16,6 +16,8 @@ Running the command again skips finished runs and resumes unfinished ones from t
   ``--report-only``: write them without running anything;
 - ``--extra --key=value ...``: everything after ``--extra`` goes to every run as an override
   (after the per-model settings), e.g. ``--extra --epochs=1 --gpu_id=1``.
+  ``--extra --max_train_seconds=480`` ends each run's training before an epoch that would
+  end past 480 s; the run is then tested and recorded as finished, ``stopped_by: time_budget``.
 
 Exit status: 0 when every requested run is finished or was skipped as not available here,
 1 when some run failed (its error is in ``seed<seed>.error.json``; rerun to resume it),

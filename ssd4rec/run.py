@@ -168,6 +168,10 @@ def run(argv, root=REPO_ROOT):
         "checkpoint": str(model_file),
         "epochs_run": len(trainer.epoch_seconds),
         "seconds_per_epoch": trainer.epoch_seconds,
+        # Why training ended: "early_stopping", "time_budget" (max_train_seconds; details in
+        # "time_budget") or "epochs"; None when a finished run was only evaluated.
+        "stopped_by": trainer.stopped_by,
+        "time_budget": trainer.stopped_by_time_budget,
         "device": describe_device(config["device"]),
         "world_size": world.size,
     }

@@ -13,6 +13,12 @@ The training loop (``sync_free_step: True``, the default) is RecBole's without i
 device-to-host reads per step (``loss.item()`` and the NaN check): the loss is summed on
 the device and read once per epoch, and each batch is copied to the device one batch
 ahead (see ``prefetch``). ``sync_free_step: False`` runs RecBole's own loop.
+
+``max_train_seconds`` (a wall-clock budget for ``fit``): before each epoch, once this
+process has trained and validated at least one, training stops if the time spent in ``fit``
+plus the mean epoch time so far (training, validation and checkpoints, measured) would pass
+the budget. The run then ends as a finished one (``last.pth`` says ``finished: True``), its
+best checkpoint is tested as usual, and ``stopped_by`` says why training ended.
 """
 
 import math
@@ -146,6 +152,14 @@ def prefetch(batches, device, length_field=None):
     yield ahead
 
 
+class _TimeBudgetSpent(Exception):
+    """Raised by _train_epoch before an epoch that would end past max_train_seconds;
+    caught by fit, which then returns as RecBole's fit returns."""
+
+
+STOP_REASONS = ("early_stopping", "time_budget", "epochs")
+
+
 class Trainer(RecBoleTrainer):
     """RecBole's training loop and evaluator with weights-only checkpoints in ``run_dir``."""
 
@@ -181,12 +195,50 @@ class Trainer(RecBoleTrainer):
         if self.sync_free_step is None:
             self.sync_free_step = True
         self._hook_input = None
+        # Wall-clock budget of fit (None: no limit); see _time_budget_spent.
+        self.max_train_seconds = config["max_train_seconds"] if "max_train_seconds" in config else None
+        # Why the last fit ended: one of STOP_REASONS (None before fit); for "time_budget",
+        # stopped_by_time_budget = {"after_epoch", "elapsed_s", "max_train_seconds", ...}.
+        self.stopped_by = None
+        self.stopped_by_time_budget = None
+        # During fit: [start time, epochs begun, validations done, whether epochs are validated]
+        self._fit_clock = None
+
+    def _time_budget_spent(self, epoch_idx):
+        """True if the epoch about to start would end past max_train_seconds.
+
+        Counted from the start of this process's fit; the mean epoch time is the time so far
+        divided by the epochs this fit has run (each with its validation and checkpoints). It
+        needs one epoch trained and validated here (trained, when nothing is validated).
+        With several processes every rank decides on the largest elapsed time of all ranks,
+        so that all stop before the same epoch."""
+        if self.max_train_seconds is None or self._fit_clock is None:
+            return False
+        start, epochs, validated, validates = self._fit_clock
+        if epochs == 0 or (validates and not validated):
+            return False
+        elapsed = max(distributed.gather(time.perf_counter() - start))
+        mean_epoch = elapsed / epochs
+        if elapsed + mean_epoch <= self.max_train_seconds:
+            return False
+        self.stopped_by_time_budget = {
+            "after_epoch": epoch_idx,  # epochs trained in all (1-based number of the last one)
+            "elapsed_s": round(elapsed, 3),
+            "max_train_seconds": self.max_train_seconds,
+            "mean_epoch_s": round(mean_epoch, 3),
+            "epochs_this_process": epochs,
+        }
+        return True
 
     def _autocast_loss(self, interaction):
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
             return self.model.calculate_loss(interaction)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self._time_budget_spent(epoch_idx):
+            raise _TimeBudgetSpent
+        if self._fit_clock is not None:
+            self._fit_clock[1] += 1
         if self.amp_dtype is not None and loss_func is None:
             loss_func = self._autocast_loss
         compute_loss = loss_func or self.model.calculate_loss
@@ -312,16 +364,45 @@ class Trainer(RecBoleTrainer):
         atomic_save(self._state(epoch, with_training_state=True), self.last_file)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's fit, with last.pth after every validation, the max_train_seconds budget,
+        and ``self.stopped_by`` set to why training ended."""
+        early_stopped = False
+
         def after_validation(epoch, valid_score):
+            nonlocal early_stopped
+            self._fit_clock[2] += 1
+            # RecBole's early_stopping has just updated cur_step; it stops past stopping_step.
+            early_stopped = self.cur_step > self.stopping_step
             if saved:
                 self._save_last(epoch)
             if callback_fn:
                 callback_fn(epoch, valid_score)
 
-        result = super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+        self.stopped_by = self.stopped_by_time_budget = None
+        validates = self.eval_step > 0 and bool(valid_data)
+        self._fit_clock = [time.perf_counter(), 0, 0, validates]
+        try:
+            result = super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
+            self.stopped_by = "early_stopping" if early_stopped else "epochs"
+        except _TimeBudgetSpent:
+            self.stopped_by = "time_budget"
+            budget = self.stopped_by_time_budget
+            if verbose:
+                self.logger.info(
+                    f"Stopped by the time budget after epoch {budget['after_epoch']}: "
+                    f"{budget['elapsed_s']:.1f} s spent, another epoch of {budget['mean_epoch_s']:.1f} s "
+                    f"would pass max_train_seconds = {budget['max_train_seconds']}"
+                )
+            self._add_hparam_to_tensorboard(self.best_valid_score)
+            result = self.best_valid_score, self.best_valid_result
+        finally:
+            self._fit_clock = None
         if saved and distributed.is_main_process() and self.last_file.exists():
+            # Finished, whatever stopped it: a rerun evaluates best.pth rather than resuming.
             state = load_checkpoint(self.last_file)
             state["finished"] = True
+            state["stopped_by"] = self.stopped_by
+            state["time_budget"] = self.stopped_by_time_budget
             atomic_save(state, self.last_file)
         return result
 

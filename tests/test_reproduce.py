@@ -268,9 +268,11 @@ def test_one_real_tiny_run(tmp_path):
     assert set(rec["test"]) >= {"ndcg@10", "mrr@20", "hit@20"}
     assert rec["overrides"]["hidden_size"] == 16 and rec["implementation"]["model"].startswith("RecBole")
     assert len(rec["seconds_per_epoch_all"]) == 1
+    assert rec["stopped_by"] == "epochs"  # its one epoch ran out before early stopping could
     assert (store.run_dir("ml-100k", "SASRec", 3) / "best.pth").is_file()
     md_path, _ = store.table_paths()
-    assert "| SASRec | 1 |" in md_path.read_text()
+    # marked as not trained to early stopping (max epochs reached)
+    assert f"| SASRec {table.CUT_SHORT_MARK} | 1 |" in md_path.read_text()
 
 
 def test_a_records_note_reaches_the_runs_table(tmp_path):

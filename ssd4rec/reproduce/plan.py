@@ -9,6 +9,12 @@ A task is one (dataset, model, seed). For each, in order:
   test evaluation): evaluate ``best.pth`` with ``--checkpoint=<run_dir>/best.pth``;
 - otherwise: start a fresh run with ``--run_dir=<run_dir>``.
 
+A run whose training was cut short by ``max_train_seconds`` (``--extra
+--max_train_seconds=480``) is a finished run: its ``last.pth`` says ``finished: True``, its
+best checkpoint is tested, and its record says ``stopped_by: time_budget``; a rerun skips it.
+Every record says why training ended (``stopped_by``: ``early_stopping``, ``time_budget``
+or ``epochs``, the last for max epochs reached).
+
 Datasets whose data is missing and models the framework does not know are recorded in the
 store and skipped; any other failure of one run is recorded next to it
 (``seed<seed>.error.json``) and the sweep goes on with the next run.
@@ -231,7 +237,7 @@ def _read_checkpoint(path: Path) -> Optional[dict]:
         state = load_checkpoint(path)
     except SSD4RecError:
         return None
-    return {k: state.get(k) for k in ("epoch", "finished", "model")}
+    return {k: state.get(k) for k in ("epoch", "finished", "model", "stopped_by", "time_budget")}
 
 
 def task_state(task: Task, store: ResultStore) -> tuple[str, Optional[dict]]:
@@ -285,6 +291,10 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
         epochs = start_epoch + epochs_here
     seconds = [float(s) for s in result.get("seconds_per_epoch") or []]
     device = result.get("device", "unknown")
+    # Why training ended: from this process's fit, or, when it only evaluated a run whose
+    # training had finished, from that run's last.pth (None for checkpoints older than the
+    # field).
+    stopped_by = result.get("stopped_by") or (last or {}).get("stopped_by")
     record = {
         "dataset": task.dataset,
         "model": task.model,
@@ -294,6 +304,7 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
         "valid": result.get("best_valid_result", {}),
         "epochs": epochs,
         "best_epoch": None if best is None or best.get("epoch") is None else int(best["epoch"]) + 1,
+        "stopped_by": stopped_by,  # "early_stopping" | "time_budget" | "epochs" (max epochs reached)
         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
         "seconds_per_epoch_all": seconds,  # the epochs run by the last process only
         "resumed_from_epoch": start_epoch if state == "resume" else None,
@@ -307,6 +318,8 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
         "versions": _versions(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if stopped_by == "time_budget":
+        record["time_budget"] = result.get("time_budget") or (last or {}).get("time_budget")
     if note:
         record["note"] = note
     store.save_run(record)
@@ -351,7 +364,8 @@ def execute(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int]
                 record = store.load_run(dataset, model, seed)
                 if record is not None:
                     summary["done"].append(task)
-                    log(f"[done]   {dataset} {model} seed {seed}")
+                    budget = " (stopped by the time budget)" if record.get("stopped_by") == "time_budget" else ""
+                    log(f"[done]   {dataset} {model} seed {seed}{budget}")
                     wanted = run_overrides(task, quick=quick, data_path=data_path, extra=extra)
                     wanted = {k: v for k, v in wanted.items() if k not in _RUN_KEYS}
                     if record.get("overrides") != wanted:

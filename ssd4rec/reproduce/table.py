@@ -8,7 +8,9 @@ the run records of a :class:`~ssd4rec.reproduce.store.ResultStore`:
   last row with SSD4Rec's relative gain over the best baseline of that column;
 - a dataset whose data is missing here shows "data not available here" and the reason;
   models that cannot run (unknown to the framework) or have no finished run are listed;
-- every run: epochs, best epoch, seconds per epoch, hardware, kernels used;
+- every run: epochs, best epoch, why training stopped (early stopping, the time budget
+  ``max_train_seconds``, or max epochs), seconds per epoch, hardware, kernels used; models
+  with a run that did not train to early stopping are marked in the dataset's table;
 - the per-model settings (MODEL_SETTINGS).
 """
 
@@ -81,6 +83,38 @@ def _fmt_gain(g: Optional[float]) -> str:
     return "–" if g is None else f"{g:+.2f}%"
 
 
+STOP_TEXT = {"early_stopping": "early stopping", "epochs": "max epochs", "time_budget": "time budget"}
+CUT_SHORT = ("time_budget", "epochs")  # training ended before early stopping
+CUT_SHORT_MARK = "†"
+
+
+def stopped_by_text(record: dict) -> str:
+    """Why a run's training ended, for the Runs table ("–" for records older than the field)."""
+    reason = record.get("stopped_by")
+    if not reason:
+        return "–"
+    text = STOP_TEXT.get(reason, str(reason))
+    budget = record.get("time_budget") or {}
+    if reason == "time_budget":
+        parts = []
+        if budget.get("elapsed_s") is not None and budget.get("max_train_seconds") is not None:
+            parts.append(f"{float(budget['elapsed_s']):.0f} s of {float(budget['max_train_seconds']):g} s")
+        if budget.get("after_epoch") is not None:
+            parts.append(f"after epoch {budget['after_epoch']}")
+        text = f"**{text}**" + (f" ({', '.join(parts)})" if parts else "")
+    return text
+
+
+def _cut_short(records: Iterable[dict]) -> dict[tuple[str, str], list[str]]:
+    """{(dataset, model): ["seed 2024: time budget", ...]} for runs not trained to early stopping."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for r in sorted(records, key=lambda r: r["seed"]):
+        if r.get("stopped_by") in CUT_SHORT:
+            out.setdefault((r["dataset"], r["model"]), []).append(
+                f"seed {r['seed']}: {STOP_TEXT[r['stopped_by']]}")
+    return out
+
+
 def _first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
@@ -99,6 +133,7 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
                  title: str = "SSD4Rec reproduction") -> tuple[str, str]:
     """(markdown, csv) for the given datasets and models, in that order."""
     stats = aggregate(records)
+    cut_short = _cut_short(records)
     titles = [t for _, t in METRICS]
     md = [f"# {title}", "",
           "Test metrics (leave-one-out by time, full ranking over all items), mean ± sample "
@@ -137,18 +172,26 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
                     if round(cell[metric][0], DIGITS) == best[metric]:
                         text = f"**{text}**"
                     parts.append(text)
-                md.append(f"| {model} | {len(cell['seeds'])} | " + " | ".join(parts) + " |")
+                short = cut_short.get((dataset, model))
+                label = f"{model} {CUT_SHORT_MARK}" if short else model
+                md.append(f"| {label} | {len(cell['seeds'])} | " + " | ".join(parts) + " |")
                 flat = []
                 for metric, _ in METRICS:
                     mean, std = cell.get(metric, (None, None))
                     flat += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}"]
-                writer.writerow([dataset, model, "finished", len(cell["seeds"])] + flat + [""])
+                csv_note = "not trained to early stopping: " + "; ".join(short) if short else ""
+                writer.writerow([dataset, model, "finished", len(cell["seeds"])] + flat + [csv_note])
             g = gains(cells)
             md.append(f"| {GAIN_LABEL} | | " + " | ".join(_fmt_gain(g[m]) for m, _ in METRICS) + " |")
             writer.writerow([dataset, GAIN_LABEL, "gain_percent", ""]
                             + [x for m, _ in METRICS for x in ("" if g[m] is None else f"{g[m]:.6f}", "")]
                             + [""])
             md.append("")
+            marked = [(m, cut_short[(dataset, m)]) for m in cells if (dataset, m) in cut_short]
+            if marked:
+                md += [f"{CUT_SHORT_MARK} Not trained to early stopping (stopped by the time budget "
+                       "max_train_seconds, or at max epochs): "
+                       + "; ".join(f"{m} {', '.join(why)}" for m, why in marked) + ".", ""]
         missing = []
         for model in models:
             if (dataset, model) in unavailable_models:
@@ -163,8 +206,8 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
             md += ["Not in the table:", ""] + missing + [""]
 
     md += ["## Runs", "",
-           "| Dataset | Model | Seed | Epochs | Best epoch | s / epoch | Device | Kernels | Note |",
-           "|---|---|---:|---:|---:|---:|---|---|---|"]
+           "| Dataset | Model | Seed | Epochs | Best epoch | Stopped by | s / epoch | Device | Kernels | Note |",
+           "|---|---|---:|---:|---:|---|---:|---|---|---|"]
     for r in sorted(records, key=lambda r: (datasets.index(r["dataset"]) if r["dataset"] in datasets else 1e9,
                                             models.index(r["model"]) if r["model"] in models else 1e9,
                                             r["seed"])):
@@ -180,7 +223,7 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
         if r.get("note"):
             note.append(r["note"])
         md.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {r.get('epochs', '–')} | "
-                  f"{r.get('best_epoch') or '–'} | {'–' if spe is None else f'{spe:.1f}'} | "
+                  f"{r.get('best_epoch') or '–'} | {stopped_by_text(r)} | {'–' if spe is None else f'{spe:.1f}'} | "
                   f"{r.get('device', '–')} | {kernels} | {', '.join(note)} |")
     md += ["", "## Settings", "",
            "Per-model settings passed on top of config.yaml and datasets/<dataset>.yaml "
