@@ -15,11 +15,19 @@ break, each with the smallest change that restores RecBole's own intent:
 3. torch >= 2.6 loads with ``weights_only=True`` by default, and RecBole pickles its
    whole ``Config`` into checkpoints. That is handled where checkpoints are written:
    :mod:`ssd4rec.trainer` saves plain values only, so nothing is patched here.
+4. Not a version break but a side effect: RecBole's ``sequential_recommender/sine.py``
+   calls ``torch.autograd.set_detect_anomaly(True)`` at import, and importing any of
+   RecBole's sequential models (``get_model("SASRec")``) imports it. Anomaly mode records a
+   stack trace for every op in forward and checks every backward output for NaN: a debug
+   tool that slows every model trained afterwards in the process, baselines and ours, and
+   turns a NaN loss into an autograd error. We import that package once here and switch
+   anomaly mode back off, unless it was already on before (a user debugging on purpose).
 
 ``apply()`` is idempotent and is called when :mod:`ssd4rec` is imported.
 """
 
 import numpy as np
+import torch
 
 _LEGACY_NUMPY_ALIASES = {
     "bool": np.bool_,
@@ -76,4 +84,9 @@ def apply():
 
     Config.compatibility_settings = _compatibility_settings
     Dataset._fill_nan = _fill_nan
+    anomaly_was_on = torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401  (runs sine.py's set_detect_anomaly(True))
+
+    if not anomaly_was_on:
+        torch.autograd.set_detect_anomaly(False)
     _applied = True

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import ssd4rec  # noqa: F401  (ssd4rec.compat first: RecBole's import-time anomaly mode stays off)
+
 
 @pytest.fixture
 def one_torch_thread():

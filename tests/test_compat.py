@@ -67,3 +67,18 @@ def test_versions_are_the_modern_ones_we_claim(version):
     major = {"numpy": np.__version__, "pandas": pd.__version__, "torch": torch.__version__}[version].split(".")
     floor = {"numpy": (2, 0), "pandas": (2, 0), "torch": (2, 6)}[version]
     assert (int(major[0]), int(major[1])) >= floor
+
+
+def test_recbole_sequential_models_leave_anomaly_mode_off():
+    """RecBole's sine.py turns autograd anomaly mode on at import; ssd4rec.compat turns it off
+    (a fresh interpreter: the mode is process-wide)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, ssd4rec; from recbole.utils import get_model; get_model('SASRec'); "
+            "print(torch.is_anomaly_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    code = "import torch; import recbole.model.sequential_recommender; print(torch.is_anomaly_enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"  # RecBole alone: what we undo
