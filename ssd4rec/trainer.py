@@ -24,6 +24,7 @@ best checkpoint is tested as usual, and ``stopped_by`` says why training ended.
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,17 @@ class _TimeBudgetSpent(Exception):
 STOP_REASONS = ("early_stopping", "time_budget", "epochs")
 
 
+@dataclass
+class FitClock:
+    """What the time budget reads during one fit: when it started, the epochs begun and the
+    validations done in this process, and whether epochs are validated at all."""
+
+    start: float
+    validates: bool
+    epochs: int = 0
+    validations: int = 0
+
+
 class Trainer(RecBoleTrainer):
     """RecBole's training loop and evaluator with weights-only checkpoints in ``run_dir``."""
 
@@ -201,8 +213,7 @@ class Trainer(RecBoleTrainer):
         # stopped_by_time_budget = {"after_epoch", "elapsed_s", "max_train_seconds", ...}.
         self.stopped_by = None
         self.stopped_by_time_budget = None
-        # During fit: [start time, epochs begun, validations done, whether epochs are validated]
-        self._fit_clock = None
+        self._fit_clock = None  # a FitClock during fit
 
     def _time_budget_spent(self, epoch_idx):
         """True if the epoch about to start would end past max_train_seconds.
@@ -214,11 +225,11 @@ class Trainer(RecBoleTrainer):
         so that all stop before the same epoch."""
         if self.max_train_seconds is None or self._fit_clock is None:
             return False
-        start, epochs, validated, validates = self._fit_clock
-        if epochs == 0 or (validates and not validated):
+        clock = self._fit_clock
+        if clock.epochs == 0 or (clock.validates and not clock.validations):
             return False
-        elapsed = max(distributed.gather(time.perf_counter() - start))
-        mean_epoch = elapsed / epochs
+        elapsed = max(distributed.gather(time.perf_counter() - clock.start))
+        mean_epoch = elapsed / clock.epochs
         if elapsed + mean_epoch <= self.max_train_seconds:
             return False
         self.stopped_by_time_budget = {
@@ -226,7 +237,7 @@ class Trainer(RecBoleTrainer):
             "elapsed_s": round(elapsed, 3),
             "max_train_seconds": self.max_train_seconds,
             "mean_epoch_s": round(mean_epoch, 3),
-            "epochs_this_process": epochs,
+            "epochs_this_process": clock.epochs,
         }
         return True
 
@@ -238,7 +249,7 @@ class Trainer(RecBoleTrainer):
         if self._time_budget_spent(epoch_idx):
             raise _TimeBudgetSpent
         if self._fit_clock is not None:
-            self._fit_clock[1] += 1
+            self._fit_clock.epochs += 1
         if self.amp_dtype is not None and loss_func is None:
             loss_func = self._autocast_loss
         compute_loss = loss_func or self.model.calculate_loss
@@ -370,7 +381,7 @@ class Trainer(RecBoleTrainer):
 
         def after_validation(epoch, valid_score):
             nonlocal early_stopped
-            self._fit_clock[2] += 1
+            self._fit_clock.validations += 1
             # RecBole's early_stopping has just updated cur_step; it stops past stopping_step.
             early_stopped = self.cur_step > self.stopping_step
             if saved:
@@ -380,7 +391,7 @@ class Trainer(RecBoleTrainer):
 
         self.stopped_by = self.stopped_by_time_budget = None
         validates = self.eval_step > 0 and bool(valid_data)
-        self._fit_clock = [time.perf_counter(), 0, 0, validates]
+        self._fit_clock = FitClock(start=time.perf_counter(), validates=validates)
         try:
             result = super().fit(train_data, valid_data, verbose, saved, show_progress, after_validation)
             self.stopped_by = "early_stopping" if early_stopped else "epochs"

@@ -21,7 +21,7 @@ from ssd4rec.errors import SSD4RecError
 from ssd4rec.reproduce import plan, table
 from ssd4rec.reproduce.store import ResultStore
 from ssd4rec.run import run
-from ssd4rec.trainer import Trainer
+from ssd4rec.trainer import FitClock, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SASREC_TINY = ["--hidden_size=16", "--inner_size=32", "--n_layers=1", "--n_heads=1",
@@ -71,7 +71,8 @@ def test_the_budget_defaults_to_none_and_takes_a_number():
 # ------------------------------------------------------------------------------------------
 def _clock(seconds_ago, epochs, validations, validates=True, budget=10.0):
     return types.SimpleNamespace(max_train_seconds=budget, stopped_by_time_budget=None,
-                                 _fit_clock=[time.perf_counter() - seconds_ago, epochs, validations, validates])
+                                 _fit_clock=FitClock(start=time.perf_counter() - seconds_ago, validates=validates,
+                                                     epochs=epochs, validations=validations))
 
 
 def test_the_decision_takes_the_slowest_rank_and_needs_a_validated_epoch(monkeypatch):
