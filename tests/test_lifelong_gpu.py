@@ -4,7 +4,8 @@ Skipped without CUDA, mamba_ssm's Triton SSD kernels and causal_conv1d (the CPU 
 GPU the ssd and linrec backbones run mamba_ssm's Triton scan (TF32 dots: agreement at the
 1e-3 level, see tests/test_gpu.py) and the ssd backbone causal_conv1d on channels padded to
 a multiple of 8; the windowed runs also exercise the state carried between windows.
-First use compiles the Triton kernels (autotuning is skipped: see tests/conftest.py).
+First use compiles the Triton kernels (autotuning is skipped: see tests/conftest.py). The
+compile_glue tests also compile the ssd backbone's glue with inductor (a minute or less each).
 """
 
 import importlib
@@ -85,3 +86,82 @@ def test_gpu_kernels_match_the_pytorch_ops(backbone, window):
     assert rel(loss_g, loss_t) < 1e-3
     assert rel(grads_g, grads_t) < 5e-3
     assert rel(scores_g, scores_t) < 5e-3
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """compile_glue's regions compiled afresh with inductor (the default backend) for this test."""
+    from ssd4rec.modules import compiled_glue
+
+    torch._dynamo.reset()
+    compiled_glue._compile.cache_clear()
+    yield compiled_glue
+    torch._dynamo.reset()
+    compiled_glue._compile.cache_clear()
+
+
+def train_step(model, interaction, seed=0):
+    """(loss, {name: grad}) of one training step, the RNG seeded first (dropout)."""
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model.calculate_loss(interaction)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_steps(a, b):
+    """Same kernels on both sides, fp32: only rounding (and mamba_ssm's atomic adds) differ.
+    Per parameter looser: a small gradient (of a near-silent mixer at SASRec's init) is a sum
+    that cancels; a parameter the compiled path left out would be off by 100%."""
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert rel(loss_a, loss_b) < 1e-5
+    assert grads_a.keys() == grads_b.keys()
+    assert rel(torch.cat([g.flatten() for g in grads_a.values()]),
+               torch.cat([g.flatten() for g in grads_b.values()])) < 1e-4
+    for name in grads_a:
+        assert rel(grads_a[name], grads_b[name]) < 1e-2, name
+
+
+def lifelong_batch():
+    g = torch.Generator().manual_seed(0)
+    lengths = [300, 75, 141, 8]
+    store = torch.randint(1, N_ITEMS, (sum(lengths) + len(lengths),), generator=g).cuda()
+    ends = torch.tensor(lengths).cumsum(0) + torch.arange(len(lengths))
+    return store, {"history_end": ends.cuda(), "item_length": torch.tensor(lengths).cuda()}
+
+
+@pytest.mark.parametrize("window", [1000, 70])
+def test_compiled_glue_matches_eager(window, fresh_dynamo):
+    """compile_glue (inductor, fp32) against the eager ssd model, both on the GPU kernels: loss,
+    every gradient, eval scores. window 70: windows carrying state, checkpointed."""
+    assert fresh_dynamo.COMPILE_BACKEND == "inductor"
+    store, interaction = lifelong_batch()
+    eager, compiled = (LifelongRec({**config("ssd", "auto", window), "compile_glue": on}, Store(store)).cuda()
+                       for on in (False, True))
+    compiled.load_state_dict(eager.state_dict())
+    results = []
+    for model in (eager, compiled):
+        step = train_step(model, interaction)
+        model.eval()
+        with torch.no_grad():
+            scores = model.full_sort_predict(interaction)
+        results.append((step, scores))
+    (step_eager, scores_eager), (step_compiled, scores_compiled) = results
+    assert_close_steps(step_compiled, step_eager)
+    assert rel(scores_compiled, scores_eager) < 1e-4
+
+
+def test_compiled_glue_dropout_survives_checkpointing(fresh_dynamo, monkeypatch):
+    """Dropout on, windows of 70 (all but the last checkpointed, reentrant): the compiled
+    no-grad forward and its recompute in backward draw the same masks from inductor's RNG, so
+    loss and gradients equal the same step without checkpointing (same seed)."""
+    import ssd4rec.models.lifelong as lifelong
+
+    store, interaction = lifelong_batch()
+    torch.manual_seed(0)
+    model = LifelongRec({**config("ssd", "auto", 70), "compile_glue": True, "dropout_prob": 0.3},
+                        Store(store)).cuda()
+    checkpointed = train_step(model, interaction, seed=3)
+    monkeypatch.setattr(lifelong, "checkpoint", lambda run, *args, use_reentrant: run(*args))
+    assert_close_steps(train_step(model, interaction, seed=3), checkpointed)

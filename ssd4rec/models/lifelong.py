@@ -52,8 +52,9 @@ other item), and ``CE``, cross-entropy over all items, exact, computed in blocks
 
 Config keys: backbone, hidden_size, num_layers, inner_size, dropout_prob, attn_dropout_prob,
 n_heads (sasrec, linrec), d_state, d_conv, expand, headdim, chunk_size (ssd, mamba, linrec),
-layer_norm_eps, backend, loss_type, MAX_ITEM_LIST_LENGTH, var_len. Rec-Mamba's settings:
-``ssd4rec/models/lifelongrec.yaml``.
+layer_norm_eps, backend, compile_glue (ssd: torch.compile the elementwise glue around the
+scans, ``ssd4rec.modules.compiled_glue``), loss_type, MAX_ITEM_LIST_LENGTH, var_len. Rec-Mamba's
+settings: ``ssd4rec/models/lifelongrec.yaml``.
 """
 
 import functools
@@ -76,7 +77,7 @@ LOSS_TYPES = ("BCE", "CE")
 
 # Values for keys that RecBole's own defaults do not provide.
 DEFAULTS = {"backbone": "ssd", "inner_size": None, "n_heads": 1, "attn_dropout_prob": None,
-            "loss_type": "BCE", "layer_norm_eps": 1e-12, "backend": "auto"}
+            "loss_type": "BCE", "layer_norm_eps": 1e-12, "backend": "auto", "compile_glue": False}
 
 
 class Window:
@@ -153,6 +154,8 @@ class LifelongRec(SequentialRecommender):
         if values["backbone"] == "ssd" and (config["hidden_size"] * config["expand"]) % config["headdim"]:
             raise SSD4RecError(f"config keys 'hidden_size' * 'expand' = {config['hidden_size'] * config['expand']} "
                                f"must be a multiple of 'headdim' = {config['headdim']}")
+        if not isinstance(values["compile_glue"], bool):
+            raise SSD4RecError(f"config key 'compile_glue': expected true or false, got {values['compile_glue']!r}")
         self.backbone_name = values["backbone"]
         self.loss_type = values["loss_type"]
         self.window = int(config["MAX_ITEM_LIST_LENGTH"])
@@ -167,6 +170,7 @@ class LifelongRec(SequentialRecommender):
             "n_heads": values["n_heads"],
             "layer_norm_eps": float(values["layer_norm_eps"]),
             "backend": values["backend"],
+            "compile_glue": values["compile_glue"],  # only the ssd backbone uses it
         }
         if self.backbone_name in ("ssd", "mamba", "linrec"):
             settings.update({key: config[key] for key in ("d_state", "d_conv", "expand", "headdim", "chunk_size")

@@ -9,6 +9,8 @@ window's last token. ``carries_state`` says whether a backbone has such a state 
 
 - ``ssd``: Mamba-2 (SSD) blocks, causal, on the packed stream (``StatefulMamba2Mixer``) --
   Mamba4Rec's layer with the SSD mixer: h = LN(x + Dropout(mixer(x))), then the FFN.
+  ``compile_glue``: the elementwise glue around the scans through torch.compile
+  (``ssd4rec.modules.compiled_glue``); the other backbones ignore the key.
 - ``mamba``: Mamba4Rec's Mamba-1 layer (``StatefulMambaBlock``) on the padded view: the
   selective scan has no sequence registers.
 - ``sasrec``: SASRec (Kang & McAuley, ICDM 2018) from RecBole's own building blocks:
@@ -34,6 +36,7 @@ from recbole.model.layers import TransformerEncoder
 from torch import nn
 
 from ssd4rec.models.mamba4rec import FeedForward
+from ssd4rec.modules import compiled_glue
 from ssd4rec.modules.layer_norm import LayerNorm, replace_layer_norms
 from ssd4rec.modules.linrec import LinRecAttention
 from ssd4rec.modules.stateful import StatefulMamba2Mixer, StatefulMambaBlock
@@ -72,6 +75,14 @@ class _StatefulStack(nn.Module):
 
 
 class SSDBackbone(_StatefulStack):
+    """compile_glue (config, default False): run the elementwise glue around the scans (the
+    input LN(Dropout(e)), and per layer everything after its scan) as torch.compile'd regions,
+    ``ssd4rec.modules.compiled_glue``; the scan and the convolution stay eager."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.compile_glue = bool(config.get("compile_glue", False))
+
     @staticmethod
     def make_mixer(config, d):
         return StatefulMamba2Mixer(d, d_state=config["d_state"], d_conv=config["d_conv"],
@@ -79,11 +90,24 @@ class SSDBackbone(_StatefulStack):
                                    chunk_size=config["chunk_size"], backend=config["backend"])
 
     def forward(self, e, positions, seg, state=None, want_state=False):
+        if self.compile_glue:
+            return self._forward_compiled_glue(e, seg, state, want_state)
         x = self.LayerNorm(self.dropout(e))
         new_state = []
         for i, layer in enumerate(self.layers):
             y, s = layer.mixer.forward_segments(x, seg, None if state is None else state[i], want_state)
             x = layer(x, y)
+            new_state.append(s)
+        return x, (new_state if want_state else None)
+
+    def _forward_compiled_glue(self, e, seg, state, want_state):
+        """forward, same maths, with the glue compiled: e: (T, d) -> ((T, d), new state or None).
+        The state only enters the eager part (scan_segments), so both paths are covered."""
+        x = compiled_glue.embed_norm(self, e)
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            y, z, s = layer.mixer.scan_segments(x, seg, None if state is None else state[i], want_state)
+            x = compiled_glue.residual_tail(layer, x, y, z)
             new_state.append(s)
         return x, (new_state if want_state else None)
 

@@ -231,10 +231,21 @@ class StatefulMamba2Mixer(Mamba2Mixer):
 
     def forward_segments(self, u, seg, state=None, want_state=False):
         """u: (T, d_model) packed; state: as above or None (zero) -> ((T, d_model), new state or None)."""
+        y, z, new_state = self.scan_segments(u, seg, state, want_state)
+        return self.out_proj(self.norm(y, z)), new_state
+
+    def scan_segments(self, u, seg, state=None, want_state=False):
+        """Everything up to the gated norm: in_proj, the convolution and the scan.
+
+        u: (T, d_model) packed; state: as above or None (zero). Returns y: (T, d_inner) the
+        scan's output (state readout included), z: (T, d_inner) the gate, and the new state or
+        None. Split from ``forward_segments`` so that the rest (gated norm, out_proj and the
+        layer around the mixer) can run as one compiled region (``ssd4rec.modules.compiled_glue``).
+        """
         seq_idx = seg.seq_idx[None]  # (1, T)
-        if state is None and not want_state:
-            return self.forward(u[None], seq_idx)[0], None
         z, xBC, dt = self.project(u[None])  # (1, T, .)
+        if state is None and not want_state:  # no state in or out: the plain mixer's conv and scan
+            return self.ssm(self.convolve(xBC, seq_idx), dt, seq_idx)[0], z[0], None
         weight = self.conv1d.weight.squeeze(1)  # (c, w)
         if state is None:
             xc = self.convolve(xBC, seq_idx)
@@ -264,8 +275,7 @@ class StatefulMamba2Mixer(Mamba2Mixer):
             ssm_state = ssd_final_state(x[0], dt_eff, log_decay, Bm[0],
                                         None if state is None else state[1], seg)
             new_state = (conv_state, ssm_state)
-        y = self.norm(y.reshape(1, T, self.d_inner), z)
-        return self.out_proj(y)[0], new_state
+        return y.reshape(T, self.d_inner), z[0], new_state
 
 
 class StatefulMambaBlock(MambaBlock):
