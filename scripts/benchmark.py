@@ -39,7 +39,11 @@ so a run cut off at a time limit keeps what it finished):
   mixer     one Mamba2 mixer alone: ours (Mamba2Mixer) vs mamba_ssm's fused Mamba2, (1, T)
             tokens packed as sequences of 200, forward+backward.
   sasrec    RecBole's SASRec on ML-1M (hidden 256, 2 layers, 2 heads, L=200, CE, batch 1024,
-            fp32), epochs through the same Trainer (--sasrec-max-s caps each), for the ratio.
+            fp32), epochs through the same Trainer (--sasrec-max-s caps each), for the ratio;
+            then one epoch per --baseline-amp mode (tf32, bf16, as SSD4Rec's --amp) and, with
+            --baseline-anomaly, one fp32 epoch with autograd anomaly mode on: RecBole 1.2.1
+            switches it on when it imports its sequential models (sine.py), so that is the
+            speed a plain RecBole run gets; ssd4rec.compat switches it off for every other run.
   gru4rec   RecBole's GRU4Rec on ML-1M (embedding 64, hidden 128, L=200, CE, batch 1024, fp32),
             likewise (--gru4rec-max-s).
 
@@ -90,6 +94,7 @@ def elapsed():
 
 
 def save(path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
@@ -435,8 +440,9 @@ def evaluate_timed(trainer, test_data, label):
     return row
 
 
-def profile_steps(trainer, train_data, steps, device, path):
-    """torch.profiler over a few training steps, the same work as RecBole's loop."""
+def profile_steps(trainer, train_data, steps, device, path, precision="fp32"):
+    """torch.profiler over a few training steps, the same work as RecBole's loop, at precision
+    fp32, tf32 or bf16 (as timed_epoch's modes)."""
     from torch.profiler import ProfilerActivity, profile
 
     model, opt = trainer.model, trainer.optimizer
@@ -457,9 +463,11 @@ def profile_steps(trainer, train_data, steps, device, path):
 
     def one(inter):
         opt.zero_grad()
-        loss = model.calculate_loss(inter)
+        with tf32_mode(precision), autocast_for(precision, device):
+            loss = model.calculate_loss(inter)
         loss.item()
-        loss.backward()
+        with tf32_mode(precision):
+            loss.backward()
         opt.step()
 
     for inter in moved[:2]:
@@ -503,8 +511,9 @@ def bench_ssd4rec(args, device):
     res["triton_warm_before"] = _STATE["triton_used"]
     config, trainer, train_data, test_data, t_data = build_pipeline(
         "SSD4Rec", {"train_batch_size": args.batch_size, "var_len": True,
-                    "max_history_length": args.ssd_max_history}, args)
+                    "max_history_length": args.ssd_max_history, **args.ssd_set}, args)
     res["max_history_length"] = args.ssd_max_history
+    res["config_overrides"] = args.ssd_set
     res["data_prep_s"] = t_data
     res["train_batches"] = len(train_data)
     res["train_samples"] = len(train_data._dataset)
@@ -539,7 +548,7 @@ def bench_ssd4rec(args, device):
                 save(args.out)
             if args.profile_steps and elapsed() < args.budget_s - 30:
                 res["profile"] = profile_steps(trainer, train_data, args.profile_steps, trainer.device,
-                                               args.profile_out)
+                                               args.profile_out, args.profile_amp)
                 save(args.out)
     del trainer
 
@@ -642,13 +651,26 @@ def bench_baseline(part, args, device):
     field = trainer.model.ITEM_SEQ_LEN
     res["epochs"] = []
     max_s = getattr(args, f"{part}_max_s")
-    for epoch in range(getattr(args, f"{part}_epochs")):
+    # (precision, anomaly mode) per epoch: fp32 epochs, one per --baseline-amp mode, and with
+    # --baseline-anomaly one fp32 epoch with autograd anomaly detection on, as every RecBole
+    # run has it: recbole.model.sequential_recommender's sine.py switches it on at import
+    # (ssd4rec.compat switches it off again for everyone, the other epochs included).
+    modes = [(None, False)] * getattr(args, f"{part}_epochs") + [(a, False) for a in args.baseline_amp]
+    if args.baseline_anomaly:
+        modes.append((None, True))
+    for epoch, (amp, anomaly) in enumerate(modes):
         if elapsed() > args.budget_s - 30:
-            RESULTS["notes"].append(f"{part} epoch skipped: out of time budget")
+            RESULTS["notes"].append(f"{part} {amp or 'fp32'} epoch skipped: out of time budget")
             break
         cap = min(max_s, max(20.0, args.budget_s - elapsed() - 10))
-        row = timed_epoch(trainer, train_data, epoch, None, cap, lambda inter: inter[field].sum())
+        with torch.autograd.set_detect_anomaly(anomaly):
+            row = timed_epoch(trainer, train_data, epoch, amp, cap, lambda inter: inter[field].sum())
+        row["anomaly_mode"] = anomaly
+        if anomaly:
+            row["amp"] += "+anomaly"
         row["note"] = f"tokens = real (unpadded) history items; {name} computes on 200 padded positions per sample"
+        if anomaly:
+            row["note"] += "; autograd anomaly mode on, as RecBole 1.2.1 leaves it"
         res["epochs"].append(row)
         _log_epoch(name, row)
         save(args.out)
@@ -777,6 +799,12 @@ def print_tables():
             p = res["profile"]
             lines.append(f"profile: {p['steps']} steps {p['wall_s']:.2f} s wall, GPU kernels {p['gpu_kernel_s']:.2f} s; "
                          f"loader {p['loader_s_per_batch'] * 1e3:.0f} ms/batch, h2d {p['h2d_s_per_batch'] * 1e3:.1f} ms/batch")
+    ratios = epoch_ratios()
+    if ratios:
+        lines += ["", "SSD4Rec epoch / baseline epoch, same precision, this run (< 1: SSD4Rec faster)"]
+        for r in ratios:
+            lines.append(f"{r['precision']:14s} {r['baseline']:8s} SSD4Rec {r['ssd4rec_s']:7.1f} s, "
+                         f"{r['baseline']} {r['baseline_s']:7.1f} s: {r['ratio']:.3f}")
     step = RESULTS.get("step")
     if step and step.get("runs"):
         args = RESULTS["args"]
@@ -794,6 +822,24 @@ def print_tables():
     print("\n".join(lines), flush=True)
 
 
+def epoch_ratios():
+    """SSD4Rec's epoch time over each baseline's, per precision both ran (warm SSD4Rec epochs
+    only; a baseline epoch with anomaly mode on is compared with SSD4Rec's fp32 epoch)."""
+    ssd = {}
+    for r in (RESULTS.get("ssd4rec") or {}).get("epochs", []):
+        warm = r.get("triton_warm_before", False) or r["epoch"] > 0
+        if warm and r.get("est_full_epoch_s"):
+            ssd[r["amp"]] = min(ssd.get(r["amp"], float("inf")), r["est_full_epoch_s"])
+    rows = []
+    for part, label in (("sasrec", "SASRec"), ("gru4rec", "GRU4Rec")):
+        for r in (RESULTS.get(part) or {}).get("epochs", []):
+            prec = r["amp"].replace("+anomaly", "")
+            if prec in ssd and r.get("est_full_epoch_s"):
+                rows.append(dict(precision=r["amp"], baseline=label, ssd4rec_s=ssd[prec],
+                                 baseline_s=r["est_full_epoch_s"], ratio=ssd[prec] / r["est_full_epoch_s"]))
+    return rows
+
+
 CSV_FIELDS = ("what", "model", "precision", "seq_len", "seconds", "steady_seconds", "tokens",
               "tokens_per_s", "us_per_token", "peak_gib", "note")
 
@@ -809,8 +855,10 @@ def result_rows():
         for r in res.get("epochs", []):
             note = (f"extrapolated from {r['batches']}/{r['batches_total']} batches" if r["partial"]
                     else "full epoch")
-            if r["epoch"] == 0 and part == "ssd4rec":
+            if r["epoch"] == 0 and part == "ssd4rec" and not r.get("triton_warm_before", False):
                 note += "; includes Triton warm-up"
+            if r.get("anomaly_mode"):
+                note += "; autograd anomaly mode on (RecBole 1.2.1's default)"
             rows.append(dict(what="train epoch", model=model, precision=r["amp"], seq_len="",
                              seconds=r.get("est_full_epoch_s"), steady_seconds=r.get("steady_epoch_s"),
                              tokens=r.get("tokens"), tokens_per_s=r.get("tokens_per_s"),
@@ -946,6 +994,10 @@ def main(argv=None):
     ap.add_argument("--evals", type=int, default=2, help="timed full-ranking test evaluations")
     ap.add_argument("--sasrec-epochs", type=int, default=1)
     ap.add_argument("--sasrec-max-s", type=float, default=1e9, help="cap of each SASRec epoch (s)")
+    ap.add_argument("--baseline-amp", default="",
+                    help="comma list of tf32,bf16: one extra epoch each of every baseline part")
+    ap.add_argument("--baseline-anomaly", action="store_true",
+                    help="one extra fp32 baseline epoch with autograd anomaly mode on (RecBole's default)")
     ap.add_argument("--gru4rec-epochs", type=int, default=1)
     ap.add_argument("--gru4rec-max-s", type=float, default=1e9, help="cap of each GRU4Rec epoch (s)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="the whole script's time budget")
@@ -956,6 +1008,11 @@ def main(argv=None):
     ap.add_argument("--step-repeats", type=int, default=3, help="timed runs of each loop (step part)")
     ap.add_argument("--step-precisions", default="fp32", help="comma list of fp32,tf32,bf16 (step part)")
     ap.add_argument("--profile-steps", type=int, default=0)
+    ap.add_argument("--profile-amp", default="fp32", choices=("fp32", "tf32", "bf16"),
+                    help="precision of the profiled steps")
+    ap.add_argument("--ssd-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an SSD4Rec config key (YAML value) in the ssd4rec part, e.g. "
+                         "--ssd-set chunk_size=64; repeatable")
     ap.add_argument("--profile-out", default=None, help="profiler table path (default: beside --out)")
     args = ap.parse_args(argv)
     if args.plot:
@@ -968,6 +1025,19 @@ def main(argv=None):
     args.lengths = [int(v) for v in args.lengths.split(",")]
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.amp = [a for a in args.amp.split(",") if a]
+    args.baseline_amp = [a for a in args.baseline_amp.split(",") if a]
+    import yaml
+
+    overrides = {}
+    for item in args.ssd_set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--ssd-set: expected KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    args.ssd_set = overrides
+    for mode in args.amp + args.baseline_amp:
+        if mode not in ("tf32", "bf16"):
+            ap.error(f"--amp/--baseline-amp: expected tf32 or bf16, got {mode!r}")
     args.step_precisions = [p for p in args.step_precisions.split(",") if p]
     args.epoch_caps = [float(v) for v in args.epoch_caps.split(",") if v]
     args.profile_out = args.profile_out or str(Path(args.out).with_name("profile.txt"))
@@ -995,6 +1065,7 @@ def main(argv=None):
         write_tables(args.out)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    RESULTS["epoch_ratios"] = epoch_ratios()
     RESULTS["total_s"] = elapsed()
     save(args.out)
     write_tables(args.out)
