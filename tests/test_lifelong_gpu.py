@@ -165,3 +165,36 @@ def test_compiled_glue_dropout_survives_checkpointing(fresh_dynamo, monkeypatch)
     checkpointed = train_step(model, interaction, seed=3)
     monkeypatch.setattr(lifelong, "checkpoint", lambda run, *args, use_reentrant: run(*args))
     assert_close_steps(train_step(model, interaction, seed=3), checkpointed)
+
+
+@pytest.mark.parametrize("compile_glue", [False, True])
+def test_scan_rows_match_one_row(compile_glue, fresh_dynamo, monkeypatch):
+    """scan_row_tokens (the ssd mixers on rows of whole histories) against one packed row,
+    both on the Triton scan and causal_conv1d (channels padded to 8, R rows), fp32: loss,
+    every gradient, eval scores. Every history fits the window: the no-state path, as rows."""
+    from ssd4rec.modules.segments import Segments
+
+    used = []
+    original = Segments.row_layout
+
+    def spy(self, target):
+        used.append(original(self, target))
+        return used[-1]
+
+    monkeypatch.setattr(Segments, "row_layout", spy)
+    store, interaction = lifelong_batch()
+    one_row, rows = (LifelongRec({**config("ssd", "auto", 1000), "compile_glue": compile_glue,
+                                  "scan_row_tokens": target}, Store(store)).cuda()
+                     for target in (0, 200))
+    rows.load_state_dict(one_row.state_dict())
+    results = []
+    for model in (one_row, rows):
+        step = train_step(model, interaction)
+        model.eval()
+        with torch.no_grad():
+            scores = model.full_sort_predict(interaction)
+        results.append((step, scores))
+    (step_one, scores_one), (step_rows, scores_rows) = results
+    assert used and all(layout is not None and layout.rows > 1 for layout in used)
+    assert_close_steps(step_rows, step_one)
+    assert rel(scores_rows, scores_one) < 1e-4

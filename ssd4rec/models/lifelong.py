@@ -53,11 +53,14 @@ other item), and ``CE``, cross-entropy over all items, exact, computed in blocks
 Config keys: backbone, hidden_size, num_layers, inner_size, dropout_prob, attn_dropout_prob,
 n_heads (sasrec, linrec), d_state, d_conv, expand, headdim, chunk_size (ssd, mamba, linrec),
 layer_norm_eps, backend, compile_glue (ssd: torch.compile the elementwise glue around the
-scans, ``ssd4rec.modules.compiled_glue``), loss_type, MAX_ITEM_LIST_LENGTH, var_len. Rec-Mamba's
-settings: ``ssd4rec/models/lifelongrec.yaml``.
+scans, ``ssd4rec.modules.compiled_glue``), scan_row_tokens (ssd: the packed windows' mixers
+run as rows of at most this many tokens, ``ssd4rec.modules.segments.RowLayout``; 0 or null:
+one row), loss_type, MAX_ITEM_LIST_LENGTH, var_len. Rec-Mamba's settings:
+``ssd4rec/models/lifelongrec.yaml``.
 """
 
 import functools
+import numbers
 
 import numpy as np
 import torch
@@ -78,6 +81,20 @@ LOSS_TYPES = ("BCE", "CE")
 # Values for keys that RecBole's own defaults do not provide.
 DEFAULTS = {"backbone": "ssd", "inner_size": None, "n_heads": 1, "attn_dropout_prob": None,
             "loss_type": "BCE", "layer_norm_eps": 1e-12, "backend": "auto", "compile_glue": False}
+# scan_row_tokens when the key is absent (null means off, so it is not in DEFAULTS): rows of
+# up to 32,768 tokens, 16 rows for Rec-Mamba's batch of 256 x 2,000 (lifelongrec.yaml says why).
+SCAN_ROW_TOKENS = 32768
+
+
+def _scan_row_tokens(config):
+    """The config's scan_row_tokens as an int >= 0 (0: one row); absent: SCAN_ROW_TOKENS."""
+    value = config["scan_row_tokens"] if "scan_row_tokens" in config else SCAN_ROW_TOKENS
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise SSD4RecError(f"config key 'scan_row_tokens': expected a whole number of tokens >= 0 "
+                           f"(0 or null: one row), got {value!r}")
+    return int(value)
 
 
 class Window:
@@ -156,6 +173,7 @@ class LifelongRec(SequentialRecommender):
                                f"must be a multiple of 'headdim' = {config['headdim']}")
         if not isinstance(values["compile_glue"], bool):
             raise SSD4RecError(f"config key 'compile_glue': expected true or false, got {values['compile_glue']!r}")
+        scan_row_tokens = _scan_row_tokens(config)
         self.backbone_name = values["backbone"]
         self.loss_type = values["loss_type"]
         self.window = int(config["MAX_ITEM_LIST_LENGTH"])
@@ -171,6 +189,7 @@ class LifelongRec(SequentialRecommender):
             "layer_norm_eps": float(values["layer_norm_eps"]),
             "backend": values["backend"],
             "compile_glue": values["compile_glue"],  # only the ssd backbone uses it
+            "scan_row_tokens": scan_row_tokens,  # ditto
         }
         if self.backbone_name in ("ssd", "mamba", "linrec"):
             settings.update({key: config[key] for key in ("d_state", "d_conv", "expand", "headdim", "chunk_size")
@@ -196,7 +215,10 @@ class LifelongRec(SequentialRecommender):
         """Segments, store index of every token, and its position in its history."""
         device = first.device
         lo = torch.from_numpy(win.lo).to(device)
-        seg = Segments(torch.from_numpy(win.lengths).to(device), int(win.lengths.sum()), int(win.lengths.max()))
+        # The host lengths go along: the ssd mixers plan their rows from them (scan_row_tokens)
+        # on the host, with no read back from the device.
+        seg = Segments(torch.from_numpy(win.lengths).to(device), int(win.lengths.sum()), int(win.lengths.max()),
+                       host_lengths=win.lengths)
         seq = seg.seq_idx.long()
         offset = lo[seq] + seg.position
         return seg, first[:win.n][seq] + offset, offset

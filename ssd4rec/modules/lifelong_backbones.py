@@ -10,7 +10,8 @@ window's last token. ``carries_state`` says whether a backbone has such a state 
 - ``ssd``: Mamba-2 (SSD) blocks, causal, on the packed stream (``StatefulMamba2Mixer``) --
   Mamba4Rec's layer with the SSD mixer: h = LN(x + Dropout(mixer(x))), then the FFN.
   ``compile_glue``: the elementwise glue around the scans through torch.compile
-  (``ssd4rec.modules.compiled_glue``); the other backbones ignore the key.
+  (``ssd4rec.modules.compiled_glue``); ``scan_row_tokens``: the mixers' rows
+  (``ssd4rec.modules.segments.RowLayout``); the other backbones ignore both keys.
 - ``mamba``: Mamba4Rec's Mamba-1 layer (``StatefulMambaBlock``) on the padded view: the
   selective scan has no sequence registers.
 - ``sasrec``: SASRec (Kang & McAuley, ICDM 2018) from RecBole's own building blocks:
@@ -77,7 +78,8 @@ class _StatefulStack(nn.Module):
 class SSDBackbone(_StatefulStack):
     """compile_glue (config, default False): run the elementwise glue around the scans (the
     input LN(Dropout(e)), and per layer everything after its scan) as torch.compile'd regions,
-    ``ssd4rec.modules.compiled_glue``; the scan and the convolution stay eager."""
+    ``ssd4rec.modules.compiled_glue``; the scan and the convolution stay eager.
+    scan_row_tokens (config, int or None): each mixer's rows (``StatefulMamba2Mixer``)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -85,9 +87,11 @@ class SSDBackbone(_StatefulStack):
 
     @staticmethod
     def make_mixer(config, d):
-        return StatefulMamba2Mixer(d, d_state=config["d_state"], d_conv=config["d_conv"],
-                                   expand=config["expand"], headdim=config["headdim"],
-                                   chunk_size=config["chunk_size"], backend=config["backend"])
+        mixer = StatefulMamba2Mixer(d, d_state=config["d_state"], d_conv=config["d_conv"],
+                                    expand=config["expand"], headdim=config["headdim"],
+                                    chunk_size=config["chunk_size"], backend=config["backend"])
+        mixer.scan_row_tokens = config.get("scan_row_tokens") or None  # None: one row
+        return mixer
 
     def forward(self, e, positions, seg, state=None, want_state=False):
         if self.compile_glue:

@@ -202,16 +202,26 @@ class StatefulMamba2Mixer(Mamba2Mixer):
     the PyTorch convolution, about ten passes over the tokens; the padding (zero weights) costs
     one copy. ``align_conv``: None (on CUDA with the package), True or False. The gated norm
     is :class:`RecomputedGatedRMSNorm` (same parameter, less memory).
+
+    ``scan_row_tokens``: with no state in or out, run the mixer on the packed sequences laid
+    out as rows of at most this many tokens (``Segments.row_layout``: whole sequences, seq_idx
+    per row) instead of one row of T: mamba_ssm's state passing loops over the chunks of a
+    row, so R rows make that loop R times shorter (``segments.RowLayout`` says why it matters).
+    0 or None: one row. LifelongRec sets it from its config key of the same name.
     """
 
     align_conv = None
+    scan_row_tokens = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.norm = RecomputedGatedRMSNorm(self.d_inner, eps=self.norm.eps, group_size=self.norm.group_size)
 
     def _conv(self, xBC, seq_idx, activation):
-        """Depthwise causal conv of xBC: (1, T, c) -> (1, T, c), never across seq_idx changes."""
+        """Depthwise causal conv of xBC: (b, l, c) -> (b, l, c), never across seq_idx (b, l)
+        changes (b = 1: the packed row; b = R: ``RowLayout``'s rows). Padded, (b, l, c8) is
+        contiguous, so its (b, c8, l) transpose is channel-last with every stride a multiple
+        of 8, as causal_conv1d's seq_idx kernel needs, for any b."""
         weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
         c = xBC.shape[-1]
         align = self.align_conv
@@ -219,7 +229,7 @@ class StatefulMamba2Mixer(Mamba2Mixer):
             align = xBC.is_cuda and self.backend != "torch" and _load_cuda_conv1d()[0] is not None
         pad = (-c) % 8 if align and seq_idx is not None else 0
         if pad:
-            xBC = F.pad(xBC, (0, pad))  # (1, T, c8) contiguous: channel-last once transposed
+            xBC = F.pad(xBC, (0, pad))  # (b, l, c8) contiguous: channel-last once transposed
             weight = F.pad(weight, (0, 0, 0, pad))
             bias = None if bias is None else F.pad(bias, (0, pad))
         out = causal_conv1d(xBC.transpose(1, 2), weight, bias, seq_idx=seq_idx, activation=activation,
@@ -231,8 +241,31 @@ class StatefulMamba2Mixer(Mamba2Mixer):
 
     def forward_segments(self, u, seg, state=None, want_state=False):
         """u: (T, d_model) packed; state: as above or None (zero) -> ((T, d_model), new state or None)."""
+        rows = self._row_layout(seg, state, want_state)
+        if rows is not None:
+            # Back to the packed order after out_proj: the gather moves d_model channels, not
+            # the 2 x d_inner of y and z (the norm and out_proj are per token).
+            y, z = self._mix(rows.to_rows(u), rows.seq_idx)
+            return rows.from_rows(self.out_proj(self.norm(y, z))), None
         y, z, new_state = self.scan_segments(u, seg, state, want_state)
         return self.out_proj(self.norm(y, z)), new_state
+
+    def _row_layout(self, seg, state, want_state):
+        """The multi-row layout (``segments.RowLayout``) for the no-state path, or None: one row.
+
+        The path that carries a state in or out keeps the single row: its readout and final
+        state are (B, L)-view products over the packed stream (``ssd_state_readout``,
+        ``ssd_final_state``), and LifelongRec only takes it for batches that hold a history
+        longer than the window."""
+        if state is not None or want_state or not self.scan_row_tokens:
+            return None
+        return seg.row_layout(self.scan_row_tokens)
+
+    def _mix(self, u, seq_idx):
+        """in_proj, conv and scan on rows: u: (b, l, d_model), seq_idx: (b, l) int32 ->
+        y: (b, l, d_inner) the scan's output, z: (b, l, d_inner) the gate."""
+        z, xBC, dt = self.project(u)
+        return self.ssm(self.convolve(xBC, seq_idx), dt, seq_idx), z
 
     def scan_segments(self, u, seg, state=None, want_state=False):
         """Everything up to the gated norm: in_proj, the convolution and the scan.
@@ -242,10 +275,17 @@ class StatefulMamba2Mixer(Mamba2Mixer):
         None. Split from ``forward_segments`` so that the rest (gated norm, out_proj and the
         layer around the mixer) can run as one compiled region (``ssd4rec.modules.compiled_glue``).
         """
+        rows = self._row_layout(seg, state, want_state)
+        if rows is not None:
+            # z comes back contiguous (on one row it is a strided view of in_proj's output):
+            # with compile_glue, a process that sees both paths compiles the tail once more.
+            y, z = self._mix(rows.to_rows(u), rows.seq_idx)
+            return rows.from_rows(y), rows.from_rows(z), None
         seq_idx = seg.seq_idx[None]  # (1, T)
-        z, xBC, dt = self.project(u[None])  # (1, T, .)
         if state is None and not want_state:  # no state in or out: the plain mixer's conv and scan
-            return self.ssm(self.convolve(xBC, seq_idx), dt, seq_idx)[0], z[0], None
+            y, z = self._mix(u[None], seq_idx)
+            return y[0], z[0], None
+        z, xBC, dt = self.project(u[None])  # (1, T, .)
         weight = self.conv1d.weight.squeeze(1)  # (c, w)
         if state is None:
             xc = self.convolve(xBC, seq_idx)
