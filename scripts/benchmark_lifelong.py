@@ -25,7 +25,9 @@ each history is one window.
 Model: ssd4rec/models/lifelongrec.yaml (hidden 50, 2 blocks, dropout 0.2, loss BCE, ...), with
 backend auto: on CUDA the ssd backbone runs mamba_ssm's Triton SSD kernels and causal_conv1d;
 mamba runs mamba_ssm's selective_scan_cuda if it is installed, else the PyTorch scan (the env
-line of the output says which). sasrec is RecBole's TransformerEncoder, causal mask, fp32.
+line of the output says which); the yaml's compile_glue: auto compiles the ssd backbone's
+elementwise glue with torch.compile on CUDA (the warm-up steps absorb the compile; --set
+compile_glue=false for eager). sasrec is RecBole's TransformerEncoder, causal mask, fp32.
 Precision: fp32 everywhere by default, but mamba_ssm's Triton kernels run their float32 dot
 products in TF32 (Triton's default) while cuBLAS matmuls stay fp32 unless --tf32; run once
 with --tf32 to compare both sides in TF32.
@@ -392,7 +394,7 @@ def plot(out):
     for ax, (key, status, title) in zip(axes, panels):
         for backbone in dict.fromkeys(r["backbone"] for r in rows):
             mine = [r for r in rows if r["backbone"] == backbone]
-            ok = [(int(r["max_len"]), float(r[key])) for r in mine if r[status] == "ok" and r[key]]
+            ok = sorted((int(r["max_len"]), float(r[key])) for r in mine if r[status] == "ok" and r[key])
             line = None
             if ok:
                 line, = ax.plot(*zip(*ok), marker="o", label=backbone)

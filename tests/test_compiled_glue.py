@@ -206,10 +206,10 @@ def test_state_dict_is_the_same_with_compile_glue_on_or_off(graphs):
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None])
-def test_compile_glue_must_be_a_bool(value):
+@pytest.mark.parametrize("value", ["yes", 1, None, "auto"])
+def test_compile_glue_must_be_a_bool_or_auto(value):
     store, _ = make_batch([3])
-    if value is None:  # absent or null: the default, off
+    if value in (None, "auto"):  # absent or null: the default, auto, which is off on the CPU
         assert LifelongRec(make_config(compile_glue=value), FakeDataset(store)).backbone.compile_glue is False
         return
     with pytest.raises(SSD4RecError, match="'compile_glue'"):
@@ -239,3 +239,14 @@ def test_plain_gated_rms_norm_equals_the_module(dtype, groups):
     out = compiled_glue.gated_rms_norm(y, z, norm.weight, norm.eps, norm.group_size)
     assert out.dtype == dtype
     torch.testing.assert_close(out, norm(y, z))
+
+
+def test_compile_glue_auto_means_on_for_cuda_only():
+    from ssd4rec.models.lifelong import _compile_glue
+
+    assert _compile_glue("auto", torch.device("cuda")) is True
+    assert _compile_glue("auto", "cuda:1") is True
+    assert _compile_glue("auto", torch.device("cpu")) is False
+    assert _compile_glue("auto", None) is False
+    assert _compile_glue(True, torch.device("cpu")) is True
+    assert _compile_glue(False, torch.device("cuda")) is False

@@ -51,6 +51,7 @@ def config(backbone, backend, window):
         "inner_size": 50, "dropout_prob": 0.0, "attn_dropout_prob": 0.0, "n_heads": 1, "d_state": 32,
         "d_conv": 4, "expand": 2, "headdim": 25, "chunk_size": 64, "layer_norm_eps": 1e-12,
         "backend": backend, "loss_type": "CE",
+        "compile_glue": False,  # these tests are about the kernels; the compile_glue tests set it
     }
 
 

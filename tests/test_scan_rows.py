@@ -316,7 +316,8 @@ def test_bad_scan_row_tokens_name_the_key(value):
 
 def test_scan_row_tokens_default_and_off():
     store, _ = make_batch([3])
-    assert all(m.scan_row_tokens == SCAN_ROW_TOKENS for m in mixers(LifelongRec(make_config(), FakeDataset(store))))
+    assert SCAN_ROW_TOKENS == 0  # the default is one row (lifelongrec.yaml says why)
+    assert all(m.scan_row_tokens is None for m in mixers(LifelongRec(make_config(), FakeDataset(store))))
     for off in (0, None):
         model = LifelongRec(make_config(scan_row_tokens=off), FakeDataset(store))
         assert all(m.scan_row_tokens is None for m in mixers(model))
