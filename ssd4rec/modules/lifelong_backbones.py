@@ -76,9 +76,10 @@ class _StatefulStack(nn.Module):
 
 
 class SSDBackbone(_StatefulStack):
-    """compile_glue (config, default False): run the elementwise glue around the scans (the
-    input LN(Dropout(e)), and per layer everything after its scan) as torch.compile'd regions,
-    ``ssd4rec.modules.compiled_glue``; the scan and the convolution stay eager.
+    """compile_glue (config, a bool; LifelongRec resolves the yaml's auto to on for CUDA): run
+    the elementwise glue around the scans (the input LN(Dropout(e)), and per layer everything
+    after its scan) as torch.compile'd regions, ``ssd4rec.modules.compiled_glue``; the scan
+    and the convolution stay eager.
     scan_row_tokens (config, int or None): each mixer's rows (``StatefulMamba2Mixer``)."""
 
     def __init__(self, config):
