@@ -6,8 +6,6 @@ is for (C++ code generation on CPU: about 15 s on a 2-core machine). The CUDA ch
 inductor is in tests/test_lifelong_gpu.py.
 """
 
-import math
-
 import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
@@ -19,82 +17,12 @@ from ssd4rec.errors import SSD4RecError
 from ssd4rec.models.lifelong import LifelongRec
 from ssd4rec.modules import compiled_glue
 from ssd4rec.modules.mamba2 import GatedRMSNorm
+from tests.lifelong_support import (FakeDataset, assert_same_run, make_batch, make_config, make_model,
+                                    train_and_score)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-N_ITEMS = 30
 LENGTHS = [45, 30, 25]  # T = 100 packed tokens
-
-
-class FakeDataset:
-    """What LifelongRec reads from its dataset: the item count and the history store."""
-
-    def __init__(self, history_item):
-        self.history_item = history_item
-
-    def num(self, field):
-        return N_ITEMS
-
-    def history_store(self):
-        return self.history_item, self.history_item.double()
-
-
-def make_config(**overrides):
-    config = {
-        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
-        "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "device": torch.device("cpu"),
-        "MAX_ITEM_LIST_LENGTH": 64, "backbone": "ssd", "hidden_size": 16, "num_layers": 2,
-        "inner_size": 32, "dropout_prob": 0.0, "attn_dropout_prob": 0.0, "n_heads": 2,
-        "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8, "chunk_size": 8,
-        "layer_norm_eps": 1e-12, "backend": "torch", "loss_type": "CE",
-    }
-    config.update(overrides)
-    return config
-
-
-def make_batch(lengths=LENGTHS, seed=0):
-    """One user per length (history, then its target) in one store; the interaction's rows."""
-    g = torch.Generator().manual_seed(seed)
-    store = torch.randint(1, N_ITEMS, (sum(lengths) + len(lengths),), generator=g)
-    ends = torch.tensor(lengths).cumsum(0) + torch.arange(len(lengths))
-    return store, {"history_end": ends, "item_length": torch.tensor(lengths)}
-
-
-def make_model(store, **overrides):
-    """Weights of a trained model's scale (SASRec's init, std 0.02, makes the mixers nearly
-    silent, and a difference there would not show) and slow decays."""
-    torch.manual_seed(0)
-    model = LifelongRec(make_config(**overrides), FakeDataset(store))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.full_like(p, 0.05)))
-            elif name.endswith("weight") and p.dim() == 2 and "conv1d" not in name:
-                p.normal_(0.0, 0.5 / math.sqrt(p.shape[1]) if "embedding" not in name else 1.0)
-    return model
-
-
-def train_and_score(model, interaction, seed=0):
-    """(loss, {name: grad}, full-sort scores in eval mode) of one training step."""
-    model.train()
-    model.zero_grad()
-    torch.manual_seed(seed)
-    loss = model.calculate_loss(interaction)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.eval()
-    with torch.no_grad():
-        scores = model.full_sort_predict(interaction)
-    return loss.detach(), grads, scores
-
-
-def assert_same_run(a, b, rtol=1e-4, atol=1e-5):
-    (loss_a, grads_a, scores_a), (loss_b, grads_b, scores_b) = a, b
-    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
-    torch.testing.assert_close(scores_a, scores_b, rtol=rtol, atol=atol)
 
 
 @pytest.fixture
@@ -140,13 +68,13 @@ def external_ops_eager(monkeypatch):
 def test_compiled_glue_equals_eager(window, graphs, external_ops_eager):
     """Loss, every parameter's gradient, eval scores. window 64: each history is one window
     (the mixers' no-state path); 20: up to 3 windows that carry state, checkpointed."""
-    store, interaction = make_batch()
+    store, interaction = make_batch(LENGTHS)
     eager = make_model(store, MAX_ITEM_LIST_LENGTH=window)
     compiled = make_model(store, MAX_ITEM_LIST_LENGTH=window, compile_glue=True)
     compiled.load_state_dict(eager.state_dict())
-    reference = train_and_score(eager, interaction)
+    reference = train_and_score(eager, interaction, seed=0)
     external_ops_eager.clear()
-    assert_same_run(train_and_score(compiled, interaction), reference)
+    assert_same_run(train_and_score(compiled, interaction, seed=0), reference)
     assert graphs, "nothing was compiled"
     assert external_ops_eager and not any(external_ops_eager), "the scan or conv ran in a compiled region"
 
@@ -163,7 +91,7 @@ def assert_checkpointing_keeps_the_dropout_masks(model, interaction, monkeypatch
 
 
 def test_checkpointed_windows_redraw_the_same_dropout(graphs, monkeypatch):
-    store, interaction = make_batch()
+    store, interaction = make_batch(LENGTHS)
     model = make_model(store, MAX_ITEM_LIST_LENGTH=20, compile_glue=True, dropout_prob=0.3)
     assert_checkpointing_keeps_the_dropout_masks(model, interaction, monkeypatch)
     assert graphs, "nothing was compiled"
@@ -178,11 +106,11 @@ def test_compiled_glue_with_inductor(monkeypatch):
     monkeypatch.setattr(compiled_glue, "COMPILE_BACKEND", "inductor")
     torch._dynamo.reset()
     try:
-        store, interaction = make_batch()
+        store, interaction = make_batch(LENGTHS)
         eager = make_model(store, MAX_ITEM_LIST_LENGTH=40)
         compiled = make_model(store, MAX_ITEM_LIST_LENGTH=40, compile_glue=True)
         compiled.load_state_dict(eager.state_dict())
-        assert_same_run(train_and_score(compiled, interaction), train_and_score(eager, interaction))
+        assert_same_run(train_and_score(compiled, interaction, seed=0), train_and_score(eager, interaction, seed=0))
     finally:
         torch._dynamo.reset()
         compiled_glue._compile.cache_clear()

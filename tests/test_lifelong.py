@@ -10,39 +10,13 @@ import torch.nn.functional as F
 from ssd4rec.errors import SSD4RecError
 from ssd4rec.models.lifelong import LifelongRec, plan_windows
 from ssd4rec.modules.losses import chunked_cross_entropy, sample_negatives, sampled_bce_loss
+from tests import lifelong_support
+from tests.lifelong_support import N_ITEMS, FakeDataset, make_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-N_ITEMS = 30
 BACKBONES = ["ssd", "mamba", "linrec", "sasrec"]
 RECURRENT = ["ssd", "mamba", "linrec"]
-
-
-class FakeDataset:
-    """What the model reads from a PackedSequentialDataset: the item count and the store."""
-
-    def __init__(self, history_item):
-        self.history_item = history_item
-
-    def num(self, field):
-        assert field == "item_id"
-        return N_ITEMS
-
-    def history_store(self):
-        return self.history_item, self.history_item.double()
-
-
-def make_config(**overrides):
-    config = {
-        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
-        "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "device": torch.device("cpu"),
-        "MAX_ITEM_LIST_LENGTH": 64, "backbone": "ssd", "hidden_size": 16, "num_layers": 2,
-        "inner_size": 32, "dropout_prob": 0.0, "attn_dropout_prob": 0.0, "n_heads": 2,
-        "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8, "chunk_size": 8,
-        "layer_norm_eps": 1e-12, "backend": "torch", "loss_type": "CE",
-    }
-    config.update(overrides)
-    return config
 
 
 def make_store(lengths, seed=0):
@@ -58,19 +32,10 @@ def make_store(lengths, seed=0):
 
 
 def make_model(lengths, seed=0, strong=True, **overrides):
-    """strong: weights of a trained model's scale (SASRec's init, std 0.02, makes every mixer
-    nearly silent) and slow decays, so that what a state carries across windows shows."""
+    """(model, interaction): lifelong_support.make_model (torch.manual_seed(seed); strong: weights
+    of a trained model's scale and slow decays) on the store of make_store(lengths, seed)."""
     store, interaction = make_store(lengths, seed)
-    torch.manual_seed(seed)
-    model = LifelongRec(make_config(**overrides), FakeDataset(store))
-    if strong:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("A_log"):
-                    p.copy_(torch.log(torch.full_like(p, 0.05)))
-                elif name.endswith("weight") and p.dim() == 2 and "conv1d" not in name:
-                    p.normal_(0.0, 0.5 / math.sqrt(p.shape[1]) if "embedding" not in name else 1.0)
-    return model, interaction
+    return lifelong_support.make_model(store, seed=seed, strong=strong, **overrides), interaction
 
 
 def token_losses(model, interaction):

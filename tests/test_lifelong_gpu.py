@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ssd4rec.models.lifelong import LifelongRec
+from tests.lifelong_support import FakeDataset, make_batch, make_config, train_and_score, train_step
 
 ssd_mod = importlib.import_module("ssd4rec.ops.ssd_scan")
 conv_mod = importlib.import_module("ssd4rec.ops.conv1d")
@@ -30,29 +31,24 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.usefixtures("pinned_triton_configs")]  # tests/conftest.py says why
 
 N_ITEMS = 200
-
-
-class Store:
-    def __init__(self, history_item):
-        self.history_item = history_item
-
-    def num(self, field):
-        return N_ITEMS
-
-    def history_store(self):
-        return self.history_item, self.history_item.double()
+LENGTHS = [300, 75, 141, 8]
 
 
 def config(backbone, backend, window):
-    return {
-        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
-        "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "device": torch.device("cuda"),
-        "MAX_ITEM_LIST_LENGTH": window, "backbone": backbone, "hidden_size": 50, "num_layers": 2,
-        "inner_size": 50, "dropout_prob": 0.0, "attn_dropout_prob": 0.0, "n_heads": 1, "d_state": 32,
-        "d_conv": 4, "expand": 2, "headdim": 25, "chunk_size": 64, "layer_norm_eps": 1e-12,
-        "backend": backend, "loss_type": "CE",
-        "compile_glue": False,  # these tests are about the kernels; the compile_glue tests set it
-    }
+    """This file's model, larger than the CPU files' (tests/lifelong_support.py), on CUDA."""
+    return make_config(
+        device=torch.device("cuda"), MAX_ITEM_LIST_LENGTH=window, backbone=backbone, hidden_size=50,
+        inner_size=50, n_heads=1, d_state=32, headdim=25, chunk_size=64, backend=backend,
+        compile_glue=False,  # these tests are about the kernels; the compile_glue tests set it
+    )
+
+
+def dataset(history_item):
+    return FakeDataset(history_item, n_items=N_ITEMS)
+
+
+def lifelong_batch():
+    return make_batch(LENGTHS, n_items=N_ITEMS, device="cuda")
 
 
 def rel(a, b):
@@ -62,19 +58,15 @@ def rel(a, b):
 @pytest.mark.parametrize("backbone", ["ssd", "linrec", "mamba"])
 @pytest.mark.parametrize("window", [1000, 70])
 def test_gpu_kernels_match_the_pytorch_ops(backbone, window):
-    g = torch.Generator().manual_seed(0)
-    lengths = [300, 75, 141, 8]
-    store = torch.randint(1, N_ITEMS, (sum(lengths) + len(lengths),), generator=g).cuda()
-    ends = torch.tensor(lengths).cumsum(0) + torch.arange(len(lengths))
-    interaction = {"history_end": ends.cuda(), "item_length": torch.tensor(lengths).cuda()}
-    results = []
+    store, interaction = lifelong_batch()
+    results, reference_state = [], None
     for backend in ("torch", "auto"):
         torch.manual_seed(0)
-        model = LifelongRec(config(backbone, backend, window), Store(store)).cuda()
-        if results:
-            model.load_state_dict(reference_state)
-        else:
+        model = LifelongRec(config(backbone, backend, window), dataset(store)).cuda()
+        if reference_state is None:
             reference_state = model.state_dict()
+        else:
+            model.load_state_dict(reference_state)
         model.train()
         loss = model.calculate_loss(interaction)
         loss.backward()
@@ -101,16 +93,6 @@ def fresh_dynamo():
     compiled_glue._compile.cache_clear()
 
 
-def train_step(model, interaction, seed=0):
-    """(loss, {name: grad}) of one training step, the RNG seeded first (dropout)."""
-    model.train()
-    model.zero_grad()
-    torch.manual_seed(seed)
-    loss = model.calculate_loss(interaction)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_close_steps(a, b):
     """Same kernels on both sides, fp32: only rounding (and mamba_ssm's atomic adds) differ.
     Per parameter looser: a small gradient (of a near-silent mixer at SASRec's init) is a sum
@@ -124,31 +106,17 @@ def assert_close_steps(a, b):
         assert rel(grads_a[name], grads_b[name]) < 1e-2, name
 
 
-def lifelong_batch():
-    g = torch.Generator().manual_seed(0)
-    lengths = [300, 75, 141, 8]
-    store = torch.randint(1, N_ITEMS, (sum(lengths) + len(lengths),), generator=g).cuda()
-    ends = torch.tensor(lengths).cumsum(0) + torch.arange(len(lengths))
-    return store, {"history_end": ends.cuda(), "item_length": torch.tensor(lengths).cuda()}
-
-
 @pytest.mark.parametrize("window", [1000, 70])
 def test_compiled_glue_matches_eager(window, fresh_dynamo):
     """compile_glue (inductor, fp32) against the eager ssd model, both on the GPU kernels: loss,
     every gradient, eval scores. window 70: windows carrying state, checkpointed."""
     assert fresh_dynamo.COMPILE_BACKEND == "inductor"
     store, interaction = lifelong_batch()
-    eager, compiled = (LifelongRec({**config("ssd", "auto", window), "compile_glue": on}, Store(store)).cuda()
+    eager, compiled = (LifelongRec({**config("ssd", "auto", window), "compile_glue": on}, dataset(store)).cuda()
                        for on in (False, True))
     compiled.load_state_dict(eager.state_dict())
-    results = []
-    for model in (eager, compiled):
-        step = train_step(model, interaction)
-        model.eval()
-        with torch.no_grad():
-            scores = model.full_sort_predict(interaction)
-        results.append((step, scores))
-    (step_eager, scores_eager), (step_compiled, scores_compiled) = results
+    (*step_eager, scores_eager), (*step_compiled, scores_compiled) = (
+        train_and_score(model, interaction, seed=0) for model in (eager, compiled))
     assert_close_steps(step_compiled, step_eager)
     assert rel(scores_compiled, scores_eager) < 1e-4
 
@@ -162,7 +130,7 @@ def test_compiled_glue_dropout_survives_checkpointing(fresh_dynamo, monkeypatch)
     store, interaction = lifelong_batch()
     torch.manual_seed(0)
     model = LifelongRec({**config("ssd", "auto", 70), "compile_glue": True, "dropout_prob": 0.3},
-                        Store(store)).cuda()
+                        dataset(store)).cuda()
     checkpointed = train_step(model, interaction, seed=3)
     monkeypatch.setattr(lifelong, "checkpoint", lambda run, *args, use_reentrant: run(*args))
     assert_close_steps(train_step(model, interaction, seed=3), checkpointed)
@@ -185,17 +153,11 @@ def test_scan_rows_match_one_row(compile_glue, fresh_dynamo, monkeypatch):
     monkeypatch.setattr(Segments, "row_layout", spy)
     store, interaction = lifelong_batch()
     one_row, rows = (LifelongRec({**config("ssd", "auto", 1000), "compile_glue": compile_glue,
-                                  "scan_row_tokens": target}, Store(store)).cuda()
+                                  "scan_row_tokens": target}, dataset(store)).cuda()
                      for target in (0, 200))
     rows.load_state_dict(one_row.state_dict())
-    results = []
-    for model in (one_row, rows):
-        step = train_step(model, interaction)
-        model.eval()
-        with torch.no_grad():
-            scores = model.full_sort_predict(interaction)
-        results.append((step, scores))
-    (step_one, scores_one), (step_rows, scores_rows) = results
+    (*step_one, scores_one), (*step_rows, scores_rows) = (
+        train_and_score(model, interaction, seed=0) for model in (one_row, rows))
     assert used and all(layout is not None and layout.rows > 1 for layout in used)
     assert_close_steps(step_rows, step_one)
     assert rel(scores_rows, scores_one) < 1e-4

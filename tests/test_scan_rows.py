@@ -15,12 +15,13 @@ from torch._dynamo.backends.registry import lookup_backend
 from ssd4rec.errors import SSD4RecError
 from ssd4rec.models.lifelong import SCAN_ROW_TOKENS, LifelongRec
 from ssd4rec.modules import compiled_glue
-from ssd4rec.modules.segments import RowLayout, Segments, plan_rows
+from ssd4rec.modules.segments import Segments, plan_rows
 from ssd4rec.modules.stateful import StatefulMamba2Mixer
+from tests.lifelong_support import (FakeDataset, assert_same_run, make_batch, make_config, make_model,
+                                    train_and_score)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-N_ITEMS = 30
 LENGTHS = [45, 30, 25, 12, 7, 1, 19]  # T = 139
 
 
@@ -158,76 +159,7 @@ def test_the_state_path_keeps_one_row():
 # --------------------------------------------------------------------------------------------
 # LifelongRec with rows on and off
 # --------------------------------------------------------------------------------------------
-class FakeDataset:
-    """What LifelongRec reads from its dataset: the item count and the history store."""
-
-    def __init__(self, history_item):
-        self.history_item = history_item
-
-    def num(self, field):
-        return N_ITEMS
-
-    def history_store(self):
-        return self.history_item, self.history_item.double()
-
-
-def make_config(**overrides):
-    config = {
-        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list",
-        "ITEM_LIST_LENGTH_FIELD": "item_length", "NEG_PREFIX": "neg_", "device": torch.device("cpu"),
-        "MAX_ITEM_LIST_LENGTH": 64, "backbone": "ssd", "hidden_size": 16, "num_layers": 2,
-        "inner_size": 32, "dropout_prob": 0.0, "attn_dropout_prob": 0.0, "n_heads": 2,
-        "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8, "chunk_size": 8,
-        "layer_norm_eps": 1e-12, "backend": "torch", "loss_type": "CE",
-    }
-    config.update(overrides)
-    return config
-
-
-def make_batch(lengths=LENGTHS, seed=0):
-    """One user per length (history, then its target) in one store; the interaction's rows."""
-    g = torch.Generator().manual_seed(seed)
-    store = torch.randint(1, N_ITEMS, (sum(lengths) + len(lengths),), generator=g)
-    ends = torch.tensor(lengths).cumsum(0) + torch.arange(len(lengths))
-    return store, {"history_end": ends, "item_length": torch.tensor(lengths)}
-
-
-def make_model(store, **overrides):
-    """Weights of a trained model's scale (SASRec's init, std 0.02, makes the mixers nearly
-    silent, and a difference there would not show) and slow decays."""
-    torch.manual_seed(0)
-    model = LifelongRec(make_config(**overrides), FakeDataset(store))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.full_like(p, 0.05)))
-            elif name.endswith("weight") and p.dim() == 2 and "conv1d" not in name:
-                p.normal_(0.0, 0.5 / math.sqrt(p.shape[1]) if "embedding" not in name else 1.0)
-    return model
-
-
-def train_and_score(model, interaction):
-    """(loss, {name: grad}, full-sort scores in eval mode) of one training step."""
-    model.train()
-    model.zero_grad()
-    loss = model.calculate_loss(interaction)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.eval()
-    with torch.no_grad():
-        scores = model.full_sort_predict(interaction)
-    return loss.detach(), grads, scores
-
-
-def assert_same_run(a, b, rtol=1e-4, atol=1e-5):
-    (loss_a, grads_a, scores_a), (loss_b, grads_b, scores_b) = a, b
-    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
-    torch.testing.assert_close(scores_a, scores_b, rtol=rtol, atol=atol)
-
-
+# (the model, its batch and its training step: tests/lifelong_support.py)
 @pytest.fixture
 def layouts(monkeypatch):
     """The (rows, row length) of every multi-row layout the mixers use."""
@@ -267,7 +199,7 @@ def test_lifelong_rows_on_equals_off(window, layouts):
     """Loss, every parameter's gradient, eval scores. window 64: every history one window
     (the rows path); 20: histories longer than the window, so every window of the batch
     carries a state in or out and keeps one row (the setting changes nothing there)."""
-    store, interaction = make_batch()
+    store, interaction = make_batch(LENGTHS)
     on, off = rows_on_and_off(store, interaction, 40, MAX_ITEM_LIST_LENGTH=window)
     assert_same_run(on, off)
     assert bool(layouts) == (window == 64) and all(rows > 1 for rows, _ in layouts)
@@ -275,7 +207,7 @@ def test_lifelong_rows_on_equals_off(window, layouts):
 
 @pytest.mark.parametrize("window", [64, 20])
 def test_lifelong_rows_on_equals_off_with_compile_glue(window, layouts, aot_eager):
-    store, interaction = make_batch()
+    store, interaction = make_batch(LENGTHS)
     on, off = rows_on_and_off(store, interaction, 40, MAX_ITEM_LIST_LENGTH=window, compile_glue=True)
     assert_same_run(on, off)
     assert bool(layouts) == (window == 64)
