@@ -214,6 +214,11 @@ def _worker(local_rank, target, args, env, offset, queue):
     except SSD4RecError as err:
         queue.put(("error", str(err)))
         raise  # a non-zero exit makes torch.multiprocessing stop the other workers
+    # Every rank finished its run; wait for all before leaving the group. Without it a rank
+    # that destroys its gloo group while a peer still tears its own down can abort the peer
+    # ("terminate called without an active exception", SIGABRT; seen once in CI). A rank that
+    # failed never gets here, and torch.multiprocessing stops the others.
+    barrier()
     stop()  # spawned processes end without running atexit handlers
     if local_rank == 0:
         queue.put(("result", result))
