@@ -1026,15 +1026,13 @@ def main(argv=None):
     args.precisions = [p for p in args.precisions.split(",") if p]
     args.amp = [a for a in args.amp.split(",") if a]
     args.baseline_amp = [a for a in args.baseline_amp.split(",") if a]
-    import yaml
+    from ssd4rec.config import parse_overrides
+    from ssd4rec.errors import SSD4RecError
 
-    overrides = {}
-    for item in args.ssd_set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            ap.error(f"--ssd-set: expected KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    args.ssd_set = overrides
+    try:  # read as main.py reads --key=value (YAML values, 1e-3 a float)
+        args.ssd_set = parse_overrides([f"--{item}" for item in args.ssd_set])
+    except SSD4RecError as err:
+        ap.error(f"--ssd-set: {err}")
     for mode in args.amp + args.baseline_amp:
         if mode not in ("tf32", "bf16"):
             ap.error(f"--amp/--baseline-amp: expected tf32 or bf16, got {mode!r}")

@@ -68,11 +68,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from ssd4rec.config import parse_overrides  # noqa: E402 (after the sys.path line)
+from ssd4rec.errors import SSD4RecError  # noqa: E402
 
 T_START = time.perf_counter()
 BACKBONES = ("ssd", "sasrec", "linrec", "mamba")
@@ -448,13 +450,10 @@ def parse_args(argv=None):
     p.add_argument("--profile", default="", metavar="BACKBONE:L",
                    help="also write OUT/profile_BACKBONE_L.txt: torch.profiler over 3 training steps")
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            p.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
-    args.set = overrides
+    try:  # read as main.py reads --key=value (YAML values, 1e-3 a float)
+        args.set = parse_overrides([f"--{item.strip()}" for item in args.set])
+    except SSD4RecError as err:
+        p.error(f"--set: {err}")
     args.profile_job = None
     if args.profile:
         backbone, sep, length = args.profile.partition(":")

@@ -105,3 +105,18 @@ def assert_same_run(a, b, rtol=1e-4, atol=1e-5):
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
     torch.testing.assert_close(scores_a, scores_b, rtol=rtol, atol=atol)
+
+
+def assert_packed_equals_alone(model, interaction, lengths):
+    """In eval mode, each history's scores and its share of the loss are the same in the packed
+    batch as run alone (lengths: the histories' trained positions, for the loss weights)."""
+    model.eval()
+    with torch.no_grad():
+        together = model.full_sort_predict(interaction)
+        loss_sum = model.calculate_loss(interaction) * sum(lengths)
+        alone_sum = 0.0
+        for i, n in enumerate(lengths):
+            one = {k: v[i:i + 1] for k, v in interaction.items()}
+            torch.testing.assert_close(together[i], model.full_sort_predict(one)[0], rtol=1e-5, atol=1e-6)
+            alone_sum = alone_sum + model.calculate_loss(one) * n
+    torch.testing.assert_close(loss_sum, alone_sum, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from ssd4rec.errors import SSD4RecError
 from ssd4rec.models.lifelong import LifelongRec, plan_windows
 from ssd4rec.modules.losses import chunked_cross_entropy, sample_negatives, sampled_bce_loss
 from tests import lifelong_support
-from tests.lifelong_support import N_ITEMS, FakeDataset, make_config
+from tests.lifelong_support import N_ITEMS, FakeDataset, assert_packed_equals_alone, make_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,16 +128,7 @@ def test_sasrec_reads_the_last_window_only():
 def test_packed_histories_equal_each_history_alone(backbone):
     lengths = [9, 1, 14, 6]
     model, interaction = make_model(lengths, backbone=backbone, MAX_ITEM_LIST_LENGTH=6)
-    model.eval()
-    with torch.no_grad():
-        together = model.full_sort_predict(interaction)
-        loss_sum = model.calculate_loss(interaction) * sum(lengths)
-        alone_sum = 0.0
-        for i, n in enumerate(lengths):
-            one = {k: v[i:i + 1] for k, v in interaction.items()}
-            torch.testing.assert_close(together[i], model.full_sort_predict(one)[0], rtol=1e-5, atol=1e-6)
-            alone_sum = alone_sum + model.calculate_loss(one) * n
-    torch.testing.assert_close(loss_sum, alone_sum, rtol=1e-5, atol=1e-5)
+    assert_packed_equals_alone(model, interaction, lengths)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -17,8 +17,8 @@ from ssd4rec.models.lifelong import SCAN_ROW_TOKENS, LifelongRec
 from ssd4rec.modules import compiled_glue
 from ssd4rec.modules.segments import Segments, plan_rows
 from ssd4rec.modules.stateful import StatefulMamba2Mixer
-from tests.lifelong_support import (FakeDataset, assert_same_run, make_batch, make_config, make_model,
-                                    train_and_score)
+from tests.lifelong_support import (FakeDataset, assert_packed_equals_alone, assert_same_run, make_batch,
+                                    make_config, make_model, train_and_score)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -219,17 +219,8 @@ def test_packed_histories_equal_each_history_alone_on_rows(layouts):
     lengths = [9, 1, 14, 6, 20, 3]
     store, interaction = make_batch(lengths)
     model = make_model(store, MAX_ITEM_LIST_LENGTH=32, scan_row_tokens=16)
-    model.eval()
-    with torch.no_grad():
-        together = model.full_sort_predict(interaction)
-        loss_sum = model.calculate_loss(interaction) * sum(lengths)
-        assert layouts
-        alone_sum = 0.0
-        for i, n in enumerate(lengths):
-            one = {k: v[i:i + 1] for k, v in interaction.items()}
-            torch.testing.assert_close(together[i], model.full_sort_predict(one)[0], rtol=1e-5, atol=1e-6)
-            alone_sum = alone_sum + model.calculate_loss(one) * n
-    torch.testing.assert_close(loss_sum, alone_sum, rtol=1e-5, atol=1e-5)
+    assert_packed_equals_alone(model, interaction, lengths)
+    assert layouts  # the packed batch ran on rows (a history alone is always one row)
 
 
 # --------------------------------------------------------------------------------------------
