@@ -3,7 +3,7 @@
     python scripts/reproduce.py --datasets ml-1m,amazon-beauty,amazon-video-games,kuairand \
         --models SSD4Rec,SASRec,BERT4Rec,GRU4Rec,Caser,Mamba4Rec,TiM4Rec --seeds 2024,2025,2026 \
         [--results results/] [--quick] [--report | --report-only] [--data_path DIR] \
-        [--threads N] [--note TEXT] [--extra --key=value ...]
+        [--threads N] [--note TEXT] [--continue-budgeted] [--extra --key=value ...]
 
 Each run trains to early stopping on validation NDCG@10 through ``ssd4rec.run.run`` (what
 ``python main.py`` does) and leaves ``results/runs/<dataset>/<model>/seed<seed>.json``.
@@ -18,6 +18,13 @@ Running the command again skips finished runs and resumes unfinished ones from t
   (after the per-model settings), e.g. ``--extra --epochs=1 --gpu_id=1``.
   ``--extra --max_train_seconds=480`` ends each run's training before an epoch that would
   end past 480 s; the run is then tested and recorded as finished, ``stopped_by: time_budget``.
+- ``--continue-budgeted``: so that one run can be trained to early stopping over several
+  short GPU sessions, runs recorded ``stopped_by: time_budget`` go on from their ``last.pth``
+  under this session's budget, and their record is rewritten for the
+  whole run (every session's epoch times; ``earlier_segments`` keeps the earlier records'
+  epochs, stopped_by, time_budget, device, note, ...). A run whose ``last.pth`` is gone, or
+  asked for with other settings, is left as it is, with a line saying why. Runs that stopped
+  early or at max epochs are never touched. Without the flag they are all skipped.
 
 Exit status: 0 when every requested run is finished or was skipped as not available here,
 1 when some run failed (its error is in ``seed<seed>.error.json``; rerun to resume it),
@@ -63,6 +70,9 @@ def parse_args(argv):
     p.add_argument("--note", default=None,
                    help="free text kept in every new record and shown in the report, e.g. "
                         "'GPU shared by 5 runs' (it explains a time per epoch)")
+    p.add_argument("--continue-budgeted", action="store_true",
+                   help="go on training runs the time budget stopped, from their last.pth "
+                        "(one run over several short GPU sessions)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch's default if not given); on a shared CPU "
                         "fewer threads than cores can be many times faster")
@@ -102,7 +112,7 @@ def main(argv=None):
     if not args.report_only:
         summary = execute(args.datasets, args.models, args.seeds, store, run_in_process,
                           quick=args.quick, data_path=args.data_path, extra=args.extra,
-                          note=args.note)
+                          note=args.note, continue_budgeted=args.continue_budgeted)
         print(f"\n{len(summary['ran'])} run(s) finished now, {len(summary['done'])} already "
               f"finished, {len(summary['skipped'])} skipped, {len(summary['failed'])} failed")
         for what, why in summary["skipped"]:

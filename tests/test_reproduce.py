@@ -1,4 +1,4 @@
-"""scripts/reproduce.py: the report from a fake store, and skip / resume of runs.
+"""scripts/reproduce.py: the report from a fake store, and skip / resume / continue of runs.
 
 Training is replaced by a fake run function that writes checkpoints the way the trainer
 does (plain dicts, weights_only-loadable), so the resume logic is exercised without any
@@ -102,12 +102,17 @@ def test_report_without_ours_or_baselines_has_no_gain(tmp_path):
 class FakeTraining:
     """Stands in for ssd4rec.run.run: trains `epochs` epochs, writing best.pth / last.pth
     as the trainer does; `kill_at` = (task key, epoch) raises in that epoch after the
-    previous epoch's last.pth was written, like a process killed mid-epoch."""
+    previous epoch's last.pth was written, like a process killed mid-epoch. `budget`: the
+    epochs one call trains before its time budget stops it; `end`: why training ends at
+    `epochs` ("early_stopping" or "epochs"). `trained` lists every (task key, epoch) trained."""
 
-    def __init__(self, epochs=4, kill_at=None):
+    def __init__(self, epochs=4, kill_at=None, budget=None, end="early_stopping"):
         self.epochs = epochs
         self.kill_at = kill_at
+        self.budget = budget
+        self.end = end
         self.calls = []
+        self.trained = []
 
     def __call__(self, argv):
         args = parse_overrides(argv)
@@ -127,10 +132,15 @@ class FakeTraining:
             run_dir = Path(args["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         seconds = []
+        stopped_by, budget = self.end, None
         for epoch in range(start, self.epochs):
             if self.kill_at == (key, epoch):
                 self.kill_at = None
                 raise KeyboardInterrupt_("killed in epoch %d" % epoch)
+            if self.budget is not None and len(seconds) == self.budget:
+                stopped_by, budget = "time_budget", {"after_epoch": epoch, "max_train_seconds": 60}
+                break
+            self.trained.append((key, epoch))
             seconds.append(1.0 + epoch)
             state = {"model": args["model"], "config": {}, "epoch": epoch,
                      "state_dict": {"w": torch.zeros(1)}}
@@ -140,12 +150,15 @@ class FakeTraining:
                         "best_valid_result": {}, "finished": False}, run_dir / "last.pth")
         if start < self.epochs:
             last = torch.load(run_dir / "last.pth", weights_only=True)
-            last["finished"] = True
+            last.update(finished=True, stopped_by=stopped_by, time_budget=budget)
             torch.save(last, run_dir / "last.pth")
+        else:
+            stopped_by = budget = None  # only evaluated
         test = {"ndcg@10": 0.1 * args["seed"] % 1, "hit@10": 0.2}
         return {"model": args["model"], "dataset": args["dataset"], "best_valid_result": test,
                 "test_result": test, "checkpoint": str(run_dir / "best.pth"),
-                "epochs_run": len(seconds), "seconds_per_epoch": seconds, "device": "cpu (2 threads)"}
+                "epochs_run": len(seconds), "seconds_per_epoch": seconds, "device": "cpu (2 threads)",
+                "stopped_by": stopped_by, "time_budget": budget}
 
 
 class KeyboardInterrupt_(RuntimeError):
@@ -153,8 +166,9 @@ class KeyboardInterrupt_(RuntimeError):
 
 
 def run_sweep(store, training, datasets=("ml-100k",), models=("SASRec", "GRU4Rec"), seeds=(1, 2), **kw):
+    kw.setdefault("log", lambda s: None)
     return execute(datasets, models, seeds, store, training, model_check=lambda m: None,
-                   dataset_check=lambda d: None, log=lambda s: None, **kw)
+                   dataset_check=lambda d: None, **kw)
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_nothing_finished_reruns(tmp_path):
@@ -200,6 +214,131 @@ def test_finished_training_without_record_is_evaluated_not_retrained(tmp_path):
     assert training.calls[0]["checkpoint"].endswith("seed7/best.pth")
     rec = store.load_run("ml-100k", "SASRec", 7)
     assert rec["evaluated_only"] and rec["epochs"] == 3
+
+
+# ------------------------------------------------------------------------------------------
+# --continue-budgeted: one run over several sessions
+# ------------------------------------------------------------------------------------------
+GRU1 = ("ml-100k", "GRU4Rec", 1)
+
+
+def budget_session(store, training, budget, note, max_train_seconds=60, **kw):
+    """One short session of the GRU4Rec seed 1 run: `budget` epochs (None: to the end)."""
+    training.budget = budget
+    return run_sweep(store, training, models=("GRU4Rec",), seeds=(1,), note=note,
+                     extra={"max_train_seconds": max_train_seconds}, **kw)
+
+
+def test_a_budget_stopped_run_continues_over_sessions_to_early_stopping(tmp_path):
+    store = ResultStore(tmp_path)
+    training = FakeTraining(epochs=5)
+    budget_session(store, training, 2, "session 1")
+    first = store.load_run(*GRU1)
+    assert first["stopped_by"] == "time_budget" and first["epochs"] == 2
+
+    budget_session(store, training, 1, "session 2", max_train_seconds=90, continue_budgeted=True)
+    second = store.load_run(*GRU1)
+    assert second["stopped_by"] == "time_budget" and second["epochs"] == 3
+    logs = []
+    summary = budget_session(store, training, None, "session 3", continue_budgeted=True,
+                             log=logs.append)
+    assert summary["ran"] == [Task(*GRU1)] and not summary["done"]
+    assert "[continue] ml-100k GRU4Rec seed 1 from epoch 3" in logs
+
+    # every epoch trained once, in order, each session from last.pth
+    assert training.trained == [(GRU1, e) for e in range(5)]
+    last_path = store.run_dir(*GRU1) / "last.pth"
+    assert [c.get("checkpoint") for c in training.calls] == [None, str(last_path), str(last_path)]
+    assert training.calls[1]["max_train_seconds"] == 90  # the session's own budget
+    rec = store.load_run(*GRU1)
+    assert rec["stopped_by"] == "early_stopping" and "time_budget" not in rec
+    assert rec["epochs"] == 5 and rec["best_epoch"] == 2 and rec["resumed_from_epoch"] == 3
+    assert rec["seconds_per_epoch_all"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert rec["seconds_per_epoch"] == 3.0 and rec["note"] == "session 3"
+    segments = rec["earlier_segments"]
+    assert [(s["epochs"], s["stopped_by"], s["note"]) for s in segments] == [
+        (2, "time_budget", "session 1"), (3, "time_budget", "session 2")]
+    assert segments[0]["time_budget"] == {"after_epoch": 2, "max_train_seconds": 60}
+    assert segments[0]["finished_at"] == first["finished_at"]
+    assert segments[1]["finished_at"] == second["finished_at"]
+    assert segments[0]["device"] == "cpu (2 threads)" and segments[0]["test"] == first["test"]
+    last = torch.load(last_path, weights_only=True)
+    assert last["finished"] is True and last["stopped_by"] == "early_stopping" and last["epoch"] == 4
+    runs = table.write_report(store, ["ml-100k"], ["GRU4Rec"]).split("## Runs", 1)[1]
+    assert "resumed at epoch 4, trained over 3 sessions, session 3 |" in runs
+
+    # early-stopped now: the flag leaves it alone
+    training.calls.clear()
+    summary = budget_session(store, training, None, "session 4", continue_budgeted=True)
+    assert training.calls == [] and summary["done"] == [Task(*GRU1)]
+    assert store.load_run(*GRU1) == rec
+
+
+def test_without_the_flag_a_budget_stopped_run_is_skipped(tmp_path):
+    store = ResultStore(tmp_path)
+    training = FakeTraining(epochs=5)
+    budget_session(store, training, 2, None)
+    before = store.load_run(*GRU1)
+    training.calls.clear()
+    logs = []
+    summary = budget_session(store, training, None, None, log=logs.append)
+    assert training.calls == [] and summary["done"] == [Task(*GRU1)] and not summary["ran"]
+    assert logs == ["[done]   ml-100k GRU4Rec seed 1 (stopped by the time budget)"]
+    assert store.load_run(*GRU1) == before
+    last = torch.load(store.run_dir(*GRU1) / "last.pth", weights_only=True)
+    assert last["finished"] is True and last["stopped_by"] == "time_budget"
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_a_budget_stopped_run_without_its_last_checkpoint_is_not_started_over(tmp_path, damage):
+    store = ResultStore(tmp_path)
+    training = FakeTraining(epochs=5)
+    budget_session(store, training, 2, None)
+    before = store.load_run(*GRU1)
+    last_path = store.run_dir(*GRU1) / "last.pth"
+    if damage == "missing":
+        last_path.unlink()
+    else:
+        last_path.write_bytes(b"not a checkpoint")
+    training.calls.clear()
+    logs = []
+    summary = budget_session(store, training, None, None, continue_budgeted=True, log=logs.append)
+    assert training.calls == [] and summary["done"] == [Task(*GRU1)] and not summary["ran"]
+    assert store.load_run(*GRU1) == before
+    why = "is missing" if damage == "missing" else "cannot be read"
+    assert logs[1] == (f"[note]   ml-100k GRU4Rec seed 1 cannot be continued because {last_path} "
+                       f"{why}; deleting its record ({store.run_path(*GRU1)}) starts it again")
+
+
+def test_a_budget_stopped_run_asked_for_with_other_settings_is_not_continued(tmp_path):
+    store = ResultStore(tmp_path)
+    training = FakeTraining(epochs=5)
+    budget_session(store, training, 2, None)
+    training.calls.clear()
+    logs = []
+    training.budget = None
+    summary = run_sweep(store, training, models=("GRU4Rec",), seeds=(1,), continue_budgeted=True,
+                        extra={"max_train_seconds": 60, "learning_rate": 0.01}, log=logs.append)
+    assert training.calls == [] and summary["done"] == [Task(*GRU1)]
+    assert "cannot be continued because it ran with other settings" in logs[1]
+    assert store.load_run(*GRU1)["epochs"] == 2
+
+
+def test_runs_that_stopped_early_or_at_max_epochs_are_never_continued(tmp_path):
+    store = ResultStore(tmp_path)
+    training = FakeTraining(epochs=3, end="early_stopping")
+    run_sweep(store, training, models=("GRU4Rec",), seeds=(1,))
+    training.end = "epochs"
+    run_sweep(store, training, models=("GRU4Rec",), seeds=(2,))
+    records = {seed: store.load_run("ml-100k", "GRU4Rec", seed) for seed in (1, 2)}
+    assert (records[1]["stopped_by"], records[2]["stopped_by"]) == ("early_stopping", "epochs")
+    lasts = {seed: (store.run_dir("ml-100k", "GRU4Rec", seed) / "last.pth").read_bytes() for seed in (1, 2)}
+    training.calls.clear()
+    summary = run_sweep(store, training, models=("GRU4Rec",), seeds=(1, 2), continue_budgeted=True)
+    assert training.calls == [] and len(summary["done"]) == 2 and not summary["ran"]
+    for seed in (1, 2):
+        assert store.load_run("ml-100k", "GRU4Rec", seed) == records[seed]
+        assert (store.run_dir("ml-100k", "GRU4Rec", seed) / "last.pth").read_bytes() == lasts[seed]
 
 
 def test_unknown_model_and_missing_data_are_recorded_and_skipped(tmp_path):
@@ -248,6 +387,8 @@ def test_script_arguments():
     assert args.datasets == ["ml-100k", "ml-1m"] and args.models == ["SSD4Rec"]
     assert args.seeds == [1] and args.quick
     assert args.extra == {"epochs": 1, "topk": [10]}
+    assert not args.continue_budgeted
+    assert _script().parse_args(["--continue-budgeted"]).continue_budgeted
 
 
 def test_one_real_tiny_run(tmp_path):

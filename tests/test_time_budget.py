@@ -190,6 +190,55 @@ def test_reaching_max_epochs_while_improving_is_epochs_and_a_loose_budget_change
 
 
 # ------------------------------------------------------------------------------------------
+# --continue-budgeted: a budget-stopped run goes on where it stopped
+# ------------------------------------------------------------------------------------------
+def test_a_continued_run_keeps_its_patience_and_best_score_and_stops_early(
+        tmp_path, data_dir, monkeypatch, one_thread):
+    """Session 1 validates 0.3 then 0.2 (patience 1 of 1 used) and its budget stops it before
+    epoch 2; continued, epoch 2's 0.1 ends training by early stopping. Had the patience
+    counter or the best score been lost, epoch 2 would not stop it (epoch 3 or later would)."""
+    script = _script()
+    results = tmp_path / "results"
+    common = SASREC_TINY + ["--epochs=6", "--stopping_step=1", f"--checkpoint_dir={tmp_path / 'saved'}"]
+
+    def argv(budget, *flags):
+        return ["--datasets", "ml-100k", "--models", "SASRec", "--seeds", "3", "--data_path",
+                str(data_dir), "--results", str(results), *flags, "--extra", *common,
+                f"--max_train_seconds={budget}"]
+
+    _scripted_validation(monkeypatch, [0.3, 0.2, 0.1, 0.05, 0.04, 0.03])
+    with monkeypatch.context() as session:
+        def stop_before_epoch_2(self, epoch_idx):  # the budget, without the wall clock
+            if epoch_idx < 2:
+                return False
+            self.stopped_by_time_budget = {"after_epoch": epoch_idx, "elapsed_s": 9.0,
+                                           "max_train_seconds": 10, "mean_epoch_s": 4.5,
+                                           "epochs_this_process": 2}
+            return True
+
+        session.setattr(Trainer, "_time_budget_spent", stop_before_epoch_2)
+        assert script.main(argv(10)) == 0
+    store = ResultStore(results)
+    first = store.load_run("ml-100k", "SASRec", 3)
+    assert first["stopped_by"] == "time_budget" and first["epochs"] == 2 and first["best_epoch"] == 1
+
+    assert script.main(argv(3600, "--continue-budgeted")) == 0
+    rec = store.load_run("ml-100k", "SASRec", 3)
+    assert rec["stopped_by"] == "early_stopping" and rec["resumed_from_epoch"] == 2
+    assert rec["epochs"] == 3 and rec["best_epoch"] == 1 and rec["valid"] == {"ndcg@10": 0.3}
+    assert len(rec["seconds_per_epoch_all"]) == 3
+    assert rec["seconds_per_epoch_all"][:2] == first["seconds_per_epoch_all"]
+    assert rec["overrides"]["max_train_seconds"] == 3600
+    (segment,) = rec["earlier_segments"]
+    assert segment["epochs"] == 2 and segment["stopped_by"] == "time_budget"
+    assert segment["time_budget"]["after_epoch"] == 2 and segment["finished_at"] == first["finished_at"]
+    # the same best.pth (epoch 1) is tested again
+    assert rec["test"] == pytest.approx(first["test"], abs=1e-4)
+    last = torch.load(store.run_dir("ml-100k", "SASRec", 3) / "last.pth", weights_only=True)
+    assert last["finished"] is True and last["stopped_by"] == "early_stopping" and last["epoch"] == 2
+
+
+# ------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------
 def _record(seed, **extra):

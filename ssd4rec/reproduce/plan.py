@@ -1,4 +1,4 @@
-"""Which runs to do, with which settings, and doing them (skip, resume or start).
+"""Which runs to do, with which settings, and doing them (skip, resume, continue or start).
 
 A task is one (dataset, model, seed). For each, in order:
 
@@ -14,6 +14,17 @@ A run whose training was cut short by ``max_train_seconds`` (``--extra
 best checkpoint is tested, and its record says ``stopped_by: time_budget``; a rerun skips it.
 Every record says why training ended (``stopped_by``: ``early_stopping``, ``time_budget``
 or ``epochs``, the last for max epochs reached).
+
+``continue_budgeted=True`` (``scripts/reproduce.py --continue-budgeted``) spreads one run
+over several short GPU sessions: a run recorded ``stopped_by: time_budget`` whose ``last.pth``
+is still there goes on from it (epoch, patience counter, best score, optimizer) until early
+stopping, max epochs or this session's budget, and its record is rewritten for the whole run:
+``seconds_per_epoch_all`` holds every session's epochs, and ``earlier_segments`` keeps what
+the earlier record said about each earlier session (epochs, best epoch, stopped_by,
+time_budget, test, device, note, finished_at). A run cannot go on without its ``last.pth``, or
+with other settings than it started with (the time budget, ``data_path``, ``checkpoint_dir``
+and ``gpu_id`` may change); it is then left as it is, with a line saying why. Records of runs
+that stopped early or at max epochs are never touched.
 
 Datasets whose data is missing and models the framework does not know are recorded in the
 store and skipped; any other failure of one run is recorded next to it
@@ -86,6 +97,12 @@ SETTINGS_SOURCES = {
 
 # Keys that describe the run, not the model: never compared between a record and a request.
 _RUN_KEYS = ("run_dir", "checkpoint")
+# Keys a continued run may change between sessions: where the data and GPU are, and how long
+# a session is; anything else changed would make one record of two different runs.
+_SESSION_KEYS = ("max_train_seconds", "data_path", "checkpoint_dir", "gpu_id")
+# What a continued run's record keeps of each earlier session's record.
+_SEGMENT_KEYS = ("epochs", "best_epoch", "stopped_by", "time_budget", "test", "device", "note",
+                 "finished_at")
 
 
 @dataclass(frozen=True)
@@ -237,13 +254,56 @@ def _read_checkpoint(path: Path) -> Optional[dict]:
         state = load_checkpoint(path)
     except SSD4RecError:
         return None
-    return {k: state.get(k) for k in ("epoch", "finished", "model", "stopped_by", "time_budget")}
+    info = {k: state.get(k) for k in ("epoch", "finished", "model", "stopped_by", "time_budget")}
+    info["training_state"] = "optimizer" in state  # best.pth holds weights only
+    return info
 
 
-def task_state(task: Task, store: ResultStore) -> tuple[str, Optional[dict]]:
-    """("done", record) | ("resume", last) | ("evaluate", last) | ("new", None)."""
+def _session_free(values: Optional[dict]) -> dict:
+    return {k: v for k, v in (values or {}).items() if k not in _SESSION_KEYS}
+
+
+def budget_continuation(task: Task, store: ResultStore, record: dict,
+                        overrides: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """For a run the time budget stopped: (its last.pth's run state, None) when training can go
+    on from there with ``overrides`` (the settings asked for now, without _RUN_KEYS), else
+    (None, why not). Starting it over instead would throw away the sessions already spent."""
+    path = store.run_dir(task.dataset, task.model, task.seed) / "last.pth"
+    if not path.is_file():
+        return None, f"{path} is missing"
+    last = _read_checkpoint(path)
+    if last is None:
+        return None, f"{path} cannot be read"
+    if last.get("model") != task.model or not last.get("training_state"):
+        return None, f"{path} holds no training state of {task.model}"
+    if _session_free(record.get("overrides")) != _session_free(overrides):
+        return None, f"it ran with other settings ({record.get('overrides')})"
+    return last, None
+
+
+def _reopen(path: Path) -> None:
+    """Mark last.pth unfinished again: ssd4rec.run resumes only from an unfinished last.pth
+    (a finished one is evaluated). Its fit marks it finished again when training ends."""
+    from ssd4rec.trainer import atomic_save, load_checkpoint
+
+    state = load_checkpoint(path)
+    state["finished"] = False
+    state.pop("stopped_by", None)  # they said why training had ended; it goes on now
+    state.pop("time_budget", None)
+    atomic_save(state, path)
+
+
+def task_state(task: Task, store: ResultStore, *, continue_budgeted: bool = False,
+               overrides: Optional[dict] = None) -> tuple[str, Optional[dict]]:
+    """("done", record) | ("continue", last) | ("resume", last) | ("evaluate", last) |
+    ("new", None). "continue" only with continue_budgeted, for a record stopped by the time
+    budget that budget_continuation accepts with ``overrides``."""
     record = store.load_run(task.dataset, task.model, task.seed)
     if record is not None:
+        if continue_budgeted and record.get("stopped_by") == "time_budget":
+            last, _ = budget_continuation(task, store, record, overrides)
+            if last is not None:
+                return "continue", last
         return "done", record
     last_path = store.run_dir(task.dataset, task.model, task.seed) / "last.pth"
     best_path = last_path.with_name("best.pth")
@@ -258,20 +318,27 @@ def task_state(task: Task, store: ResultStore) -> tuple[str, Optional[dict]]:
 
 def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
              quick: bool = False, data_path: Optional[str] = None, extra: Optional[dict] = None,
-             note: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume, or finish) one task and write its record. Returns the record.
-    note: free text kept in the record and shown in the report (e.g. how the GPU was shared)."""
+             note: Optional[str] = None, continue_budgeted: bool = False,
+             log: Callable[[str], None] = print) -> dict:
+    """Run (or resume, continue, or finish) one task and write its record. Returns the record.
+    note: free text kept in the record and shown in the report (e.g. how the GPU was shared).
+    continue_budgeted: go on with a run the time budget stopped (see the module's docstring)."""
     values = run_overrides(task, quick=quick, data_path=data_path, extra=extra)
-    state, info = task_state(task, store)
+    wanted = {k: v for k, v in values.items() if k not in _RUN_KEYS}
+    state, info = task_state(task, store, continue_budgeted=continue_budgeted, overrides=wanted)
     if state == "done":
         return info
     run_dir = store.run_dir(task.dataset, task.model, task.seed)
     argv = to_argv(values)
     start_epoch = 0
-    if state == "resume":
+    earlier = None  # the record of the sessions before this one, when continuing
+    if state in ("resume", "continue"):
         start_epoch = int(info["epoch"]) + 1
+        if state == "continue":
+            earlier = store.load_run(task.dataset, task.model, task.seed)
+            _reopen(run_dir / "last.pth")
         argv.append(f"--checkpoint={run_dir / 'last.pth'}")
-        log(f"[resume] {task.dataset} {task.model} seed {task.seed} from epoch {start_epoch}")
+        log(f"[{state}] {task.dataset} {task.model} seed {task.seed} from epoch {start_epoch}")
     elif state == "evaluate":
         argv.append(f"--checkpoint={run_dir / 'best.pth'}")
         log(f"[finish] {task.dataset} {task.model} seed {task.seed}: training had finished; "
@@ -290,6 +357,11 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
     else:
         epochs = start_epoch + epochs_here
     seconds = [float(s) for s in result.get("seconds_per_epoch") or []]
+    segments = None
+    if earlier is not None:
+        seconds = [float(s) for s in earlier.get("seconds_per_epoch_all") or []] + seconds
+        segments = list(earlier.get("earlier_segments") or [])
+        segments.append({k: earlier.get(k) for k in _SEGMENT_KEYS})
     device = result.get("device", "unknown")
     # Why training ended: from this process's fit, or, when it only evaluated a run whose
     # training had finished, from that run's last.pth (None for checkpoints older than the
@@ -306,8 +378,10 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
         "best_epoch": None if best is None or best.get("epoch") is None else int(best["epoch"]) + 1,
         "stopped_by": stopped_by,  # "early_stopping" | "time_budget" | "epochs" (max epochs reached)
         "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
-        "seconds_per_epoch_all": seconds,  # the epochs run by the last process only
-        "resumed_from_epoch": start_epoch if state == "resume" else None,
+        # The epochs timed: those of the last process, after those of earlier sessions when
+        # continued (a run killed and resumed loses the killed process's times).
+        "seconds_per_epoch_all": seconds,
+        "resumed_from_epoch": start_epoch if state in ("resume", "continue") else None,
         "evaluated_only": state == "evaluate",
         "device": device,
         "implementation": implementation_notes(task.model, device),
@@ -322,6 +396,8 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
         record["time_budget"] = result.get("time_budget") or (last or {}).get("time_budget")
     if note:
         record["note"] = note
+    if segments is not None:
+        record["earlier_segments"] = segments  # oldest first; the last one is the record replaced
     store.save_run(record)
     return record
 
@@ -331,9 +407,11 @@ def execute(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int]
             data_path: Optional[str] = None, extra: Optional[dict] = None,
             model_check: Callable[[str], Optional[str]] = check_model,
             dataset_check: Optional[Callable[[str], Optional[str]]] = None,
-            note: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+            note: Optional[str] = None, continue_budgeted: bool = False,
+            log: Callable[[str], None] = print) -> dict:
     """Every task, datasets outermost. Returns counts and the failures:
-    {"done": [...], "ran": [...], "failed": [(task, error)], "skipped": [(what, why)]}."""
+    {"done": [...], "ran": [...], "failed": [(task, error)], "skipped": [(what, why)]}.
+    continue_budgeted: go on with runs the time budget stopped; they count as "ran"."""
     if dataset_check is None:
         def dataset_check(name):
             return check_dataset(name, data_path, extra)
@@ -362,19 +440,28 @@ def execute(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int]
             for seed in seeds:
                 task = Task(dataset, model, seed)
                 record = store.load_run(dataset, model, seed)
-                if record is not None:
+                wanted = run_overrides(task, quick=quick, data_path=data_path, extra=extra)
+                wanted = {k: v for k, v in wanted.items() if k not in _RUN_KEYS}
+                budgeted = record is not None and record.get("stopped_by") == "time_budget"
+                why_not = None
+                if budgeted and continue_budgeted:
+                    why_not = budget_continuation(task, store, record, wanted)[1]
+                continues = budgeted and continue_budgeted and why_not is None
+                if record is not None and not continues:
                     summary["done"].append(task)
-                    budget = " (stopped by the time budget)" if record.get("stopped_by") == "time_budget" else ""
+                    budget = " (stopped by the time budget)" if budgeted else ""
                     log(f"[done]   {dataset} {model} seed {seed}{budget}")
-                    wanted = run_overrides(task, quick=quick, data_path=data_path, extra=extra)
-                    wanted = {k: v for k, v in wanted.items() if k not in _RUN_KEYS}
-                    if record.get("overrides") != wanted:
+                    if why_not is not None:
+                        log(f"[note]   {dataset} {model} seed {seed} cannot be continued because "
+                            f"{why_not}; deleting its record "
+                            f"({store.run_path(dataset, model, seed)}) starts it again")
+                    elif record.get("overrides") != wanted:
                         log(f"[note]   {dataset} {model} seed {seed} finished with other settings "
                             f"({record.get('overrides')}); delete its record to run it again")
                     continue
                 try:
                     run_task(task, store, run_fn, quick=quick, data_path=data_path,
-                             extra=extra, note=note, log=log)
+                             extra=extra, note=note, continue_budgeted=continue_budgeted, log=log)
                 except Exception as err:  # one failed run must not stop the sweep
                     text = "".join(traceback.format_exception_only(type(err), err)).strip()
                     store.record_error(dataset, model, seed, text)

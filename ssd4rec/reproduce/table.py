@@ -216,6 +216,8 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
         note = []
         if r.get("resumed_from_epoch") is not None:
             note.append(f"resumed at epoch {r['resumed_from_epoch'] + 1}")
+        if r.get("earlier_segments"):  # continued after the time budget stopped it
+            note.append(f"trained over {len(r['earlier_segments']) + 1} sessions")
         if r.get("evaluated_only"):
             note.append("test evaluation finished after a restart")
         if r.get("quick"):
