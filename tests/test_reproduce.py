@@ -428,3 +428,22 @@ def test_a_records_note_reaches_the_runs_table(tmp_path):
     theirs = next(line for line in runs.splitlines() if "| SASRec |" in line)
     assert ours.rstrip().endswith("GPU shared by 5 runs |")
     assert "GPU shared" not in theirs
+
+
+def test_the_runs_table_names_the_kernels_of_each_session_that_used_others(tmp_path):
+    store = ResultStore(tmp_path)
+    cuda = {"causal_conv1d": "cuda", "ssd_scan": "triton"}
+    torch_conv = {"causal_conv1d": "torch", "ssd_scan": "triton"}
+    r = record("ml-1m", "SSD4Rec", 2024, 0.3)
+    r.update(epochs=14, implementation=torch_conv, earlier_segments=[
+        {"epochs": 5, "implementation": cuda}, {"epochs": 12, "implementation": torch_conv}])
+    store.save_run(r)
+    same = record("ml-1m", "SSD4Rec", 2025, 0.3)
+    same.update(epochs=9, implementation=cuda, earlier_segments=[{"epochs": 4, "implementation": cuda}])
+    store.save_run(same)
+    runs = table.write_report(store, ["ml-1m"], ["SSD4Rec"]).split("## Runs", 1)[1].splitlines()
+    mixed = next(line for line in runs if "| 2024 |" in line)
+    assert ("| epochs 6–14: causal_conv1d: torch; ssd_scan: triton "
+            "(epochs 1–5: causal_conv1d: cuda; ssd_scan: triton) |") in mixed
+    plain = next(line for line in runs if "| 2025 |" in line)
+    assert "| causal_conv1d: cuda; ssd_scan: triton |" in plain

@@ -21,10 +21,10 @@ is still there goes on from it (epoch, patience counter, best score, optimizer) 
 stopping, max epochs or this session's budget, and its record is rewritten for the whole run:
 ``seconds_per_epoch_all`` holds every session's epochs, and ``earlier_segments`` keeps what
 the earlier record said about each earlier session (epochs, best epoch, stopped_by,
-time_budget, test, device, note, finished_at). A run cannot go on without its ``last.pth``, or
-with other settings than it started with (the time budget, ``data_path``, ``checkpoint_dir``
-and ``gpu_id`` may change); it is then left as it is, with a line saying why. Records of runs
-that stopped early or at max epochs are never touched.
+time_budget, test, device, kernels, note, finished_at). A run cannot go on without its
+``last.pth``, or with other settings than it started with (the time budget, ``data_path``,
+``checkpoint_dir`` and ``gpu_id`` may change); it is then left as it is, with a line saying
+why. Records of runs that stopped early or at max epochs are never touched.
 
 Datasets whose data is missing and models the framework does not know are recorded in the
 store and skipped; any other failure of one run is recorded next to it
@@ -101,8 +101,8 @@ _RUN_KEYS = ("run_dir", "checkpoint")
 # a session is; anything else changed would make one record of two different runs.
 _SESSION_KEYS = ("max_train_seconds", "data_path", "checkpoint_dir", "gpu_id")
 # What a continued run's record keeps of each earlier session's record.
-_SEGMENT_KEYS = ("epochs", "best_epoch", "stopped_by", "time_budget", "test", "device", "note",
-                 "finished_at")
+_SEGMENT_KEYS = ("epochs", "best_epoch", "stopped_by", "time_budget", "test", "device",
+                 "implementation", "note", "finished_at")
 
 
 @dataclass(frozen=True)

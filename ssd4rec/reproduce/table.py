@@ -212,7 +212,7 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
                                             models.index(r["model"]) if r["model"] in models else 1e9,
                                             r["seed"])):
         spe = r.get("seconds_per_epoch")
-        kernels = "; ".join(f"{k}: {v}" for k, v in (r.get("implementation") or {}).items())
+        kernels = _kernels_text(r)
         note = []
         if r.get("resumed_from_epoch") is not None:
             note.append(f"resumed at epoch {r['resumed_from_epoch'] + 1}")
@@ -237,6 +237,28 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
         md.append(f"| {model} | {_settings_text(model)} | {SETTINGS_SOURCES.get(model, '–')} |")
     md.append("")
     return "\n".join(md), rows.getvalue()
+
+
+def _kernels_text(record: dict) -> str:
+    """The kernels of the record's last session, and of any earlier sessions that used others
+    (a run continued on a machine without, say, the causal_conv1d package), by epochs."""
+    def text(impl):
+        return "; ".join(f"{k}: {v}" for k, v in (impl or {}).items())
+
+    spans = []  # [first epoch, last epoch, kernels], neighbours with the same kernels merged
+    sessions = list(record.get("earlier_segments") or []) + [record]
+    for session in sessions:
+        first = spans[-1][1] + 1 if spans else 1
+        kernels, last_epoch = text(session.get("implementation")), session.get("epochs") or first - 1
+        if spans and spans[-1][2] == kernels:
+            spans[-1][1] = last_epoch
+        elif last_epoch >= first:
+            spans.append([first, last_epoch, kernels])
+    if len(spans) <= 1:
+        return text(record.get("implementation"))
+    *earlier, (first, last_epoch, kernels) = spans
+    before = " / ".join(f"epochs {a}–{b}: {k}" for a, b, k in earlier)
+    return f"epochs {first}–{last_epoch}: {kernels} ({before})"
 
 
 def write_report(store: ResultStore, datasets: Optional[list[str]] = None,
