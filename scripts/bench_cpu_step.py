@@ -55,8 +55,10 @@ def load_baseline(dirname):
     def patched():
         saved = (mamba2_mod.ssd_scan, mamba2_mod.causal_conv1d, mamba2_mod.Mamba2Mixer.forward,
                  mamba2_mod.GatedRMSNorm.forward)
-        # the baseline mixer forward reads ssd_scan / causal_conv1d from its own globals
+        # the baseline mixer forward reads ssd_scan / causal_conv1d from its own globals; the
+        # current mixer's convolve / ssm (which BiSSDEncoder calls directly) from this module's
         mixer.ssd_scan, mixer.causal_conv1d = scan.ssd_scan, conv.causal_conv1d
+        mamba2_mod.ssd_scan, mamba2_mod.causal_conv1d = scan.ssd_scan, conv.causal_conv1d
         mamba2_mod.Mamba2Mixer.forward = mixer.Mamba2Mixer.forward
         mamba2_mod.GatedRMSNorm.forward = mixer.GatedRMSNorm.forward
         try:

@@ -120,3 +120,60 @@ def test_cuda_kernel_matches_torch_on_gpu():
     for a, r in zip(torch.autograd.grad(y_c, [x, weight, bias], gy),
                     torch.autograd.grad(y_t, [x, weight, bias], gy)):
         assert rel_err(a, r) < 1e-4
+
+
+def test_nothing_of_another_sequence_reaches_a_position_not_even_nan():
+    """The window positions that cross a boundary are computed anew, not corrected: a NaN or
+    inf in one sequence leaves the next sequences' outputs finite, and the last sequence's
+    outputs and gradients equal to those of the sequence alone."""
+    gen = torch.Generator().manual_seed(3)
+    lens = [5, 3, 6]
+    dim, w, l = 4, 4, sum(lens)
+    x, weight, bias = make(1, dim, l, w, torch.float32, gen, with_bias=True)
+    with torch.no_grad():
+        x[0, 1, 4] = float("nan")  # last token of sequence 0
+        x[0, 2, 7] = float("inf")  # last token of sequence 1
+    seq_idx = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))[None].int()
+    y = causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation="silu", backend="torch")
+    last = slice(8, 14)
+    alone = x[..., last].detach().clone().requires_grad_()
+    y_alone = causal_conv1d(alone, weight, bias, activation="silu", backend="torch")
+    # sequence 1 right after sequence 0's NaN, and all of sequence 2 right after the inf
+    assert torch.isfinite(y[..., 5:7]).all() and torch.isfinite(y[..., 8:]).all()
+    # equal up to rounding: boundary positions sum their taps in another order than the conv
+    torch.testing.assert_close(y[..., last], y_alone, rtol=1e-6, atol=1e-6)
+    (gx,) = torch.autograd.grad(y[..., last].sum(), x)
+    (gx_alone,) = torch.autograd.grad(y_alone.sum(), alone)
+    assert torch.isfinite(gx[..., last]).all()
+    # Nothing reaches the earlier sequences but the 0 * NaN of their own NaN and inf (silu's
+    # backward multiplies a zero gradient by its derivative there, alone just the same).
+    assert (gx[..., :8].nan_to_num(0.0, 0.0, 0.0) == 0).all()
+    torch.testing.assert_close(gx[..., last], gx_alone, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_unsorted_sequence_ids_match_naive(w):
+    gen = torch.Generator().manual_seed(w)
+    x, weight, bias = make(2, 3, 12, w, torch.float64, gen, with_bias=True)
+    seq_idx = torch.tensor([[0, 0, 5, 5, 1, 0, 0, 0, 2, 2, 1, 1],
+                            [3, 3, 3, 0, 3, 3, 1, 1, 1, 1, 0, 0]], dtype=torch.int32)
+    y = causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation="silu", backend="torch")
+    y_ref = causal_conv1d_naive(x, weight, bias, seq_idx=seq_idx, activation="silu")
+    assert rel_err(y, y_ref) < TOL[torch.float64]
+    leaves = (x, weight, bias)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(y_ref, leaves, gy)):
+        assert rel_err(a, r) < TOL[torch.float64]
+
+
+
+def test_autocast_leaves_the_conv_in_float32():
+    """Under bf16 autocast (amp: bf16) the conv still computes in float32, as the scan does."""
+    gen = torch.Generator().manual_seed(5)
+    x, weight, bias = make(1, 8, 20, 4, torch.float32, gen, with_bias=True)
+    seq_idx = make_seq_idx(1, 20, gen)
+    plain = causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation="silu", backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation="silu", backend="torch")
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=0, atol=0)

@@ -38,31 +38,59 @@ def _load_cuda_conv1d() -> Tuple[Optional[Callable], Optional[str]]:
 def causal_conv1d_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                         seq_idx: Optional[Tensor] = None,
                         activation: Optional[str] = None) -> Tensor:
-    """Pure PyTorch version; computes in float32 (float64 stays float64), returns x's dtype."""
+    """Pure PyTorch version; computes in float32 (float64 stays float64), returns x's dtype.
+
+    One depthwise ``F.conv1d`` computes every position as if the row were one sequence; the
+    few positions whose window reaches back into another sequence (the first w-1 of each)
+    are then computed again from their own sequence's taps and written over it. Their conv
+    outputs are dropped, not corrected by subtraction, so nothing of another sequence reaches
+    them (not even a NaN or inf) and no gradient flows back through a tap that crosses a
+    boundary. The loop over masked taps it replaced multiplied a NaN of one sequence by a
+    zero mask and so passed it on to the next; on CPU the two are about as fast (the README,
+    section Kernels, has the numbers).
+
+    On CUDA, finding those positions reads their count back to the host (one synchronisation
+    per call); the causal_conv1d package, used there when it is installed, needs none.
+    """
     b, dim, l = x.shape
     w = weight.shape[1]
     cd = torch.float64 if x.dtype == torch.float64 or weight.dtype == torch.float64 else torch.float32
-    xc = x.to(cd)
     wc = weight.to(cd)
-    # Left zero padding makes taps before position 0 vanish; only sequence boundaries
-    # need an explicit mask.
-    xpad = F.pad(xc, (w - 1, 0))  # (b, dim, l + w - 1)
-    if seq_idx is not None:
-        # The padded ids are never read where it matters: x is 0 there anyway.
-        spad = F.pad(seq_idx, (w - 1, 0))  # (b, l + w - 1)
-    out = None
-    for k in range(w):
-        # tap k reads position t - (w-1) + k, i.e. the window xpad[..., k : k + l]
-        term = xpad[:, :, k:k + l] * wc[:, k, None]  # (b, dim, l)
-        if seq_idx is not None and k < w - 1:  # the last tap is position t itself
-            same = spad[:, k:k + l] == seq_idx  # (b, l)
-            term = term * same[:, None, :].to(cd)
-        out = term if out is None else out + term
-    if bias is not None:
-        out = out + bias.to(cd)[:, None]
+    bc = None if bias is None else bias.to(cd)
+    xpad = F.pad(x.to(cd), (w - 1, 0))  # (b, dim, l + w - 1): taps before position 0 read zeros
+    # autocast would run the conv in bf16; the result is cast to x's dtype at the end instead
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = F.conv1d(xpad, wc[:, None, :], bc, groups=dim)  # (b, dim, l)
+        if seq_idx is not None and w > 1:
+            out = _recompute_boundaries(out, xpad, wc, bc, seq_idx)
     if activation is not None:
         out = F.silu(out)
     return out.to(x.dtype)
+
+
+def _recompute_boundaries(out: Tensor, xpad: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          seq_idx: Tensor) -> Tensor:
+    """``out`` with every position whose window crosses a change of seq_idx computed from the
+    taps of its own sequence only.
+
+    out: (b, dim, l), xpad: (b, dim, l + w - 1) (x with w - 1 zeros in front),
+    weight: (dim, w), bias: (dim,) or None, seq_idx: (b, l). Returns (b, dim, l).
+    """
+    w, l = weight.shape[1], out.shape[-1]
+    # The sequence each tap reads from; the zero padding counts as the row's first sequence.
+    spad = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)  # (b, l + w - 1)
+    crosses = torch.zeros_like(seq_idx, dtype=torch.bool)  # (b, l)
+    for k in range(w - 1):  # every lag, so that ids need not be sorted
+        crosses |= spad[:, k:k + l] != seq_idx
+    rows, cols = crosses.nonzero(as_tuple=True)  # (P,) each
+    taps = torch.arange(w, device=out.device)
+    window = xpad[rows[:, None], :, cols[:, None] + taps]  # (P, w, dim)
+    own = spad[rows[:, None], cols[:, None] + taps] == seq_idx[rows, cols][:, None]  # (P, w)
+    window = torch.where(own[:, :, None], window, window.new_zeros(()))
+    fixed = torch.einsum("pkd,dk->pd", window, weight)  # (P, dim)
+    if bias is not None:
+        fixed = fixed + bias
+    return out.transpose(1, 2).index_put((rows, cols), fixed).transpose(1, 2)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
