@@ -1,6 +1,7 @@
 """The RecBole 1.2.1 patches of ssd4rec.compat, each checked on its own."""
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 
@@ -82,3 +83,31 @@ def test_recbole_sequential_models_leave_anomaly_mode_off():
     code = "import torch; import recbole.model.sequential_recommender; print(torch.is_anomaly_enabled())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "True"  # RecBole alone: what we undo
+
+
+def _recbole_reconstruct_test_data(mask_token, item_seq, item_seq_len):
+    """RecBole 1.2.1's BERT4Rec.reconstruct_test_data, its loop verbatim in effect."""
+    padding = torch.zeros(item_seq.size(0), dtype=torch.long)
+    item_seq = torch.cat((item_seq, padding.unsqueeze(-1)), dim=-1)
+    for batch_id, last_position in enumerate(item_seq_len):
+        item_seq[batch_id][last_position] = mask_token
+    return item_seq[:, 1:]
+
+
+def test_bert4rec_test_sequences_match_recboles_loop():
+    from recbole.model.sequential_recommender.bert4rec import BERT4Rec
+
+    assert BERT4Rec.reconstruct_test_data is compat._reconstruct_test_data
+    generator = torch.Generator().manual_seed(0)
+    batch, max_len, n_items = 64, 12, 30
+    lengths = torch.randint(1, max_len + 1, (batch,), generator=generator)
+    lengths[:3] = torch.tensor([1, max_len, max_len - 1])  # shortest, full, one short of full
+    items = torch.randint(1, n_items, (batch, max_len), generator=generator)
+    items[torch.arange(max_len) >= lengths[:, None]] = 0  # left-aligned, 0-padded
+    holder = type("Holder", (), {"mask_token": n_items})()
+
+    ours = compat._reconstruct_test_data(holder, items.clone(), lengths)
+    theirs = _recbole_reconstruct_test_data(n_items, items.clone(), lengths)
+    assert torch.equal(ours, theirs)
+    # A full history keeps its last L-1 items, then the mask token.
+    assert torch.equal(ours[1], torch.cat((items[1, 1:], torch.tensor([n_items]))))
