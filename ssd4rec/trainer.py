@@ -7,7 +7,8 @@ then renamed, so a crash never leaves half a checkpoint.
 
 A run directory holds two files:
   best.pth  the weights of the best validation epoch (what test metrics use)
-  last.pth  the full training state after the latest validation, for resuming
+  last.pth  the full training state after the latest validation, for resuming: weights,
+            optimizer, early-stopping counters and every rank's RNG states (see rng_state)
 
 The training loop (``sync_free_step: True``, the default) is RecBole's without its two
 device-to-host reads per step (``loss.item()`` and the NaN check): the loss is summed on
@@ -23,6 +24,7 @@ best checkpoint is tested as usual, and ``stopped_by`` says why training ended.
 
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
 from ssd4rec import distributed
+from ssd4rec.data.bert4rec_masking import masking_generator_state, set_masking_generator_state
 from ssd4rec.data.packing import HOST_TOTAL_TOKENS
 from ssd4rec.data.sampled_eval import score_sampled_rows
 from ssd4rec.errors import SSD4RecError
@@ -153,6 +156,87 @@ def prefetch(batches, device, length_field=None):
     yield ahead
 
 
+def _loader_rng_state(loader):
+    generator = getattr(loader, "generator", None)
+    transform = getattr(loader, "transform", None)
+    return {
+        "generator": None if generator is None else generator.get_state(),
+        "masking": None if transform is None else masking_generator_state(transform),
+    }
+
+
+def _set_loader_rng_state(loader, state):
+    generator = getattr(loader, "generator", None)
+    if generator is not None and state["generator"] is not None:
+        # In place: the loader's RandomSampler holds this very object (a new Generator
+        # assigned to loader.generator would not reach it).
+        generator.set_state(state["generator"].cpu())
+    transform = getattr(loader, "transform", None)
+    if transform is not None:
+        masking = state["masking"]
+        set_masking_generator_state(transform, None if masking is None else masking.cpu())
+
+
+def rng_state(train_data, valid_data=None):
+    """Every random stream that training draws from, as values torch.load(weights_only=True)
+    accepts (tensors, lists, ints, floats, None).
+
+    A resumed process starts from RecBole's init_seed, as the run did at epoch 0: without
+    these, the epochs after a resume replay the shuffles and dropout masks of epochs 0, 1, ...
+
+    Each RecBole loader has its own ``generator`` (seeded with config["seed"] when it is built):
+    the training loader's RandomSampler draws each epoch's permutation from it, and every
+    loader's iterator the base seed of its workers. A masking transform (BERT4Rec; every loader
+    has one) keeps its own generator, created at its first batch from Python's ``random``: the
+    validation loader's is saved too, or a resumed run would create it again and shift
+    ``random`` by one draw.
+    """
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        # numpy's state is a tuple holding an ndarray, which weights_only refuses.
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        # Untouched until initialised; reading it would initialise CUDA on a CPU run.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "train": _loader_rng_state(train_data),
+        "valid": _loader_rng_state(valid_data),
+    }
+
+
+def set_rng_state(state, train_data, valid_data=None):
+    """Put back what rng_state saved (tensors may come on the checkpoint's map_location)."""
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
+    np.random.set_state(("MT19937", numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+    _set_loader_rng_state(train_data, state["train"])
+    _set_loader_rng_state(valid_data, state["valid"])
+
+
+def reseed_rngs(seed, epoch, rank, train_data):
+    """Seed the global streams and the training loader's from (seed, epoch, rank): for a
+    checkpoint without usable RNG states, so that the resumed epochs at least draw other
+    numbers than epochs 0, 1, ... (validation draws nothing that its metrics depend on)."""
+    value = int(np.random.SeedSequence([int(seed) % 2**32, int(epoch), int(rank)]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # every CUDA device's too
+    generator = getattr(train_data, "generator", None)
+    if generator is not None:
+        generator.manual_seed(value)
+    transform = getattr(train_data, "transform", None)
+    if transform is not None:
+        set_masking_generator_state(transform, None)  # seeded again from `random` at its next batch
+
+
 class _TimeBudgetSpent(Exception):
     """Raised by _train_epoch before an epoch that would end past max_train_seconds;
     caught by fit, which then returns as RecBole's fit returns."""
@@ -214,6 +298,10 @@ class Trainer(RecBoleTrainer):
         self.stopped_by = None
         self.stopped_by_time_budget = None
         self._fit_clock = None  # a FitClock during fit
+        self._loaders = (None, None)  # fit's (train, valid), whose RNG states last.pth saves
+        # Set by resume_checkpoint, used by fit: the RNG states are restored there, where the
+        # training loader (built before the trainer resumes) is at hand.
+        self._resume_rng = None
 
     def _time_budget_spent(self, epoch_idx):
         """True if the epoch about to start would end past max_train_seconds.
@@ -370,9 +458,31 @@ class Trainer(RecBoleTrainer):
             self.logger.info(f"Saving best: {path}")
 
     def _save_last(self, epoch, valid_score=None):
+        # A collective: every rank's streams go to the main process, the only one writing.
+        rng = distributed.gather(rng_state(*self._loaders))
         if not distributed.is_main_process():
             return
-        atomic_save(self._state(epoch, with_training_state=True), self.last_file)
+        state = self._state(epoch, with_training_state=True)
+        state["rng"] = rng  # one entry per rank
+        atomic_save(state, self.last_file)
+
+    def _restore_rng(self, train_data, valid_data, states, resume_file):
+        """Each rank its own entry of last.pth's RNG states; failing that, every stream
+        reseeded from (seed, start epoch, rank), with a warning."""
+        rank, world = distributed.rank(), distributed.world_size()
+        if states is not None and len(states) == world:
+            set_rng_state(states[rank], train_data, valid_data)
+            return
+        if states is None:
+            why = "holds no RNG states (written before last.pth saved them)"
+        else:
+            why = f"holds the RNG states of {len(states)} processes, this run has {world}"
+        self.logger.warning(
+            f"{resume_file} {why}: every RNG is reseeded from (seed {self.config['seed']}, "
+            f"epoch {self.start_epoch}, rank {rank}). The resumed epochs do not replay the shuffles "
+            f"and dropout masks of the first ones, but they are not those of an uninterrupted run."
+        )
+        reseed_rngs(self.config["seed"], self.start_epoch, rank, train_data)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's fit, with last.pth after every validation, the max_train_seconds budget,
@@ -390,6 +500,10 @@ class Trainer(RecBoleTrainer):
                 callback_fn(epoch, valid_score)
 
         self.stopped_by = self.stopped_by_time_budget = None
+        self._loaders = (train_data, valid_data)
+        if self._resume_rng is not None:
+            self._restore_rng(train_data, valid_data, **self._resume_rng)
+            self._resume_rng = None
         validates = self.eval_step > 0 and bool(valid_data)
         self._fit_clock = FitClock(start=time.perf_counter(), validates=validates)
         try:
@@ -408,6 +522,7 @@ class Trainer(RecBoleTrainer):
             result = self.best_valid_score, self.best_valid_result
         finally:
             self._fit_clock = None
+            self._loaders = (None, None)
         if saved and distributed.is_main_process() and self.last_file.exists():
             # Finished, whatever stopped it: a rerun evaluates best.pth rather than resuming.
             state = load_checkpoint(self.last_file)
@@ -418,7 +533,8 @@ class Trainer(RecBoleTrainer):
         return result
 
     def resume_checkpoint(self, resume_file):
-        """Continue an unfinished run from its last.pth (same run directory)."""
+        """Continue an unfinished run from its last.pth (same run directory). Its RNG states
+        are put back when fit starts (see _restore_rng)."""
         checkpoint = load_checkpoint(resume_file, map_location=self.device)
         if "optimizer" not in checkpoint:
             raise SSD4RecError(f"checkpoint {resume_file} holds weights only; resume from the run's last.pth")
@@ -428,6 +544,7 @@ class Trainer(RecBoleTrainer):
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
         self.best_valid_result = checkpoint["best_valid_result"]
+        self._resume_rng = {"states": checkpoint.get("rng"), "resume_file": resume_file}
         self.logger.info(f"Resuming from {resume_file} at epoch {self.start_epoch}")
 
     @torch.no_grad()

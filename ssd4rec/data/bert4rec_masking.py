@@ -53,6 +53,24 @@ def masking_generator(transform):
     return generator
 
 
+def masking_generator_state(transform):
+    """The state of the transform's generator (a ByteTensor), None before its first batch."""
+    generator = getattr(transform, _GENERATOR_ATTR, None)
+    return None if generator is None else generator.get_state()
+
+
+def set_masking_generator_state(transform, state):
+    """Continue the transform's masks from ``state`` (masking_generator_state's); None: seed it
+    again from Python's ``random`` at the next batch, as at a run's first."""
+    if state is None:
+        if hasattr(transform, _GENERATOR_ATTR):
+            delattr(transform, _GENERATOR_ATTR)
+        return
+    generator = torch.Generator()
+    generator.set_state(state)
+    setattr(transform, _GENERATOR_ATTR, generator)
+
+
 def valid_positions(item_seq):
     """(B, L) bool: the positions before the row's first 0.
 
