@@ -4,7 +4,10 @@ Each model trains N epochs uninterrupted, then again killed before epoch K and r
 its last.pth through ``ssd4rec.run`` (a fresh Trainer, fresh dataloaders, every RNG seeded
 again by ``init_seed``, as in a new process). The per-epoch losses, the RNG states at the
 start of every epoch and the final weights must be identical: on CPU the same draws give
-bit-identical arithmetic. Without the RNG states, a resumed run replayed the shuffles and
+bit-identical arithmetic. On a GPU the RNG states must still match exactly, but SSD4Rec's
+kernels (mamba_ssm's Triton backward accumulates with atomics) differ in the last bits from run
+to run even without a resume (seen on the H100: epoch 1 of two fresh runs, 37.884852 against
+37.884851), so there losses and weights are compared to a tolerance. Without the RNG states, a resumed run replayed the shuffles and
 dropout masks of epochs 0, 1, ... (the losses of the epochs after a resume then differ).
 
 Data: ml-100k (shipped with RecBole) cut to its 52 users with 5..21 interactions, 9 steps
@@ -48,6 +51,7 @@ def _rng_snapshot(train_data):
         "torch": torch.get_rng_state().tolist(),
         "loader": train_data.generator.get_state().tolist(),
         "masking": None if (m := masking_generator_state(train_data.transform)) is None else m.tolist(),
+        "cuda": [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else [],
     }
 
 
@@ -131,17 +135,21 @@ def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(model, data_dir
     resumed = _resume(model, data_dir, last, monkeypatch)
 
     assert sorted(resumed.train_loss_dict) == list(range(KILLED_AT, EPOCHS))
-    pieces = {**killed.train_loss_dict, **resumed.train_loss_dict}
-    assert pieces == full.train_loss_dict  # exact floats
     for epoch in range(KILLED_AT, EPOCHS):
         assert resumed.epoch_rng[epoch] == full.epoch_rng[epoch], f"epoch {epoch} starts from other RNG states"
-
+    pieces = {**killed.train_loss_dict, **resumed.train_loss_dict}
     ours, theirs = torch.load(last, weights_only=True), torch.load(full_last, weights_only=True)
     assert ours["epoch"] == theirs["epoch"] == EPOCHS - 1
     assert ours["state_dict"].keys() == theirs["state_dict"].keys()
-    for name, weight in theirs["state_dict"].items():
-        assert torch.equal(ours["state_dict"][name], weight), name
-    assert ours["best_valid_result"] == theirs["best_valid_result"]
+    if full.device.type == "cpu":
+        assert pieces == full.train_loss_dict  # exact floats
+        for name, weight in theirs["state_dict"].items():
+            assert torch.equal(ours["state_dict"][name], weight), name
+        assert ours["best_valid_result"] == theirs["best_valid_result"]
+    else:
+        assert pieces == pytest.approx(full.train_loss_dict, rel=1e-5)
+        for name, weight in theirs["state_dict"].items():
+            torch.testing.assert_close(ours["state_dict"][name].cpu(), weight.cpu(), rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_last_checkpoint_holds_plain_rng_states_and_best_holds_none(data_dir, in_tmp, monkeypatch):
@@ -149,7 +157,9 @@ def test_last_checkpoint_holds_plain_rng_states_and_best_holds_none(data_dir, in
     state = torch.load(last, weights_only=True)
     (rng,) = state["rng"]  # one entry per rank
     assert rng.keys() == {"python", "numpy", "torch", "cuda", "train", "valid"}
-    assert isinstance(rng["torch"], torch.Tensor) and rng["cuda"] == []  # CUDA never initialised
+    assert isinstance(rng["torch"], torch.Tensor)
+    # One state per GPU where the run used CUDA; none on a CPU run (CUDA never initialised).
+    assert len(rng["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_initialized() else 0)
     for loader in ("train", "valid"):
         assert isinstance(rng[loader]["generator"], torch.Tensor)
         assert isinstance(rng[loader]["masking"], torch.Tensor)  # BERT4Rec's transforms had drawn
