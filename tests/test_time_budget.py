@@ -80,7 +80,7 @@ def test_the_decision_takes_the_slowest_rank_and_needs_a_validated_epoch(monkeyp
     fake = _clock(1.0, 1, 1)
     assert not Trainer._time_budget_spent(fake, 1) and fake.stopped_by_time_budget is None
     # Another rank has spent 6 s: 6 + 6 > 10, and every rank decides on that (the max).
-    monkeypatch.setattr(distributed, "gather", lambda value: [value, 6.0])
+    monkeypatch.setattr(distributed, "gather", lambda value: [value, (6.0, None)])
     assert Trainer._time_budget_spent(fake, 1)
     budget = fake.stopped_by_time_budget
     assert budget["after_epoch"] == 1 and budget["elapsed_s"] == 6.0 and budget["max_train_seconds"] == 10.0
@@ -92,6 +92,24 @@ def test_the_decision_takes_the_slowest_rank_and_needs_a_validated_epoch(monkeyp
     assert Trainer._time_budget_spent(_clock(100.0, 1, 0, validates=False), 1)
     # No budget: nothing is measured.
     assert not Trainer._time_budget_spent(_clock(100.0, 5, 5, budget=None), 5)
+
+
+def test_the_next_epoch_is_taken_to_last_as_long_as_the_latest_not_the_mean(monkeypatch):
+    # 100 s spent in 2 epochs, the first with a long warm-up: the latest took 10 s. The mean
+    # (50 s) would stop at a budget of 115; the latest says another epoch ends at ~110.
+    fake = _clock(100.0, 2, 2, budget=115.0)
+    fake._fit_clock.latest_epoch_start = time.perf_counter() - 10.0
+    assert not Trainer._time_budget_spent(fake, 2)
+    # A budget of 105 it would pass: stopped, and the record says which estimate decided.
+    fake.max_train_seconds = 105.0
+    assert Trainer._time_budget_spent(fake, 2)
+    budget = fake.stopped_by_time_budget
+    assert budget["next_epoch_s"] == pytest.approx(10.0, abs=0.5) and budget["mean_epoch_s"] == pytest.approx(50.0, abs=0.5)
+    # With several ranks the slowest latest epoch decides: another rank's took 20 s.
+    fake.max_train_seconds = 115.0
+    monkeypatch.setattr(distributed, "gather", lambda value: [value, (100.0, 20.0)])
+    assert Trainer._time_budget_spent(fake, 2)
+    assert fake.stopped_by_time_budget["next_epoch_s"] == 20.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +230,7 @@ def test_a_continued_run_keeps_its_patience_and_best_score_and_stops_early(
             if epoch_idx < 2:
                 return False
             self.stopped_by_time_budget = {"after_epoch": epoch_idx, "elapsed_s": 9.0,
-                                           "max_train_seconds": 10, "mean_epoch_s": 4.5,
+                                           "max_train_seconds": 10, "mean_epoch_s": 4.5, "next_epoch_s": 4.5,
                                            "epochs_this_process": 2}
             return True
 
