@@ -35,7 +35,7 @@ import torch
 from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.trainer import Trainer as RecBoleTrainer
-from recbole.utils import EvaluatorType, get_gpu_usage, set_color
+from recbole.utils import EvaluatorType, get_gpu_usage, init_seed, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
@@ -222,14 +222,13 @@ def set_rng_state(state, train_data, valid_data=None):
     _set_loader_rng_state(valid_data, state["valid"])
 
 
-def reseed_rngs(seed, epoch, rank, train_data):
+def reseed_rngs(seed, epoch, rank, train_data, reproducibility):
     """Seed the global streams and the training loader's from (seed, epoch, rank): for a
     checkpoint without usable RNG states, so that the resumed epochs at least draw other
-    numbers than epochs 0, 1, ... (validation draws nothing that its metrics depend on)."""
+    numbers than epochs 0, 1, ... (validation draws nothing that its metrics depend on).
+    The global streams go through RecBole's init_seed, as at the run's start."""
     value = int(np.random.SeedSequence([int(seed) % 2**32, int(epoch), int(rank)]).generate_state(1)[0])
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)  # every CUDA device's too
+    init_seed(value, reproducibility)
     generator = getattr(train_data, "generator", None)
     if generator is not None:
         generator.manual_seed(value)
@@ -493,7 +492,7 @@ class Trainer(RecBoleTrainer):
             f"epoch {self.start_epoch}, rank {rank}). The resumed epochs do not replay the shuffles "
             f"and dropout masks of the first ones, but they are not those of an uninterrupted run."
         )
-        reseed_rngs(self.config["seed"], self.start_epoch, rank, train_data)
+        reseed_rngs(self.config["seed"], self.start_epoch, rank, train_data, self.config["reproducibility"])
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's fit, with last.pth after every validation, the max_train_seconds budget,
