@@ -6,11 +6,14 @@ of random lengths (seq_idx), as in training with sequence registers.
 
     python scripts/bench_scan.py                       # CPU, float32
     python scripts/bench_scan.py --device cuda         # also times the Triton backend
+    python scripts/bench_scan.py --device cuda --dtype bfloat16 --backends triton \
+        --lengths 245760 --rows 2 32 --chunk-size 64 256   # layouts and chunk sizes
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import sys
@@ -27,36 +30,40 @@ from ssd4rec.ops import ssd_scan  # noqa: E402
 from ssd4rec.ops.reference import ssd_recurrence_naive  # noqa: E402
 
 
-def packed_seq_idx(length: int, mean_len: int, gen: torch.Generator) -> torch.Tensor:
-    """(1, length) int32 ids of consecutive sequences with lengths ~ U[1, 2*mean_len]."""
-    lens, total = [], 0
-    while total < length:
-        n = int(torch.randint(1, 2 * mean_len + 1, (1,), generator=gen))
-        n = min(n, length - total)
-        lens.append(n)
-        total += n
-    ids = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-    return ids[None].to(torch.int32)
+def packed_seq_idx(rows: int, length: int, mean_len: int, gen: torch.Generator) -> torch.Tensor:
+    """(rows, length) int32: each row holds consecutive sequences with lengths ~ U[1, 2*mean_len],
+    numbered within the row (as ``RowLayout`` lays out whole histories)."""
+    out = []
+    for _ in range(rows):
+        lens, total = [], 0
+        while total < length:
+            n = min(int(torch.randint(1, 2 * mean_len + 1, (1,), generator=gen)), length - total)
+            lens.append(n)
+            total += n
+        out.append(torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)))
+    return torch.stack(out).to(torch.int32)
 
 
-def make_inputs(length, args, dtype, device, gen):
+def make_inputs(tokens, rows, args, dtype, device, gen):
+    """The scan's inputs for `tokens` tokens laid out as (rows, tokens // rows)."""
     h, p, n, g = args.heads, args.headdim, args.d_state, args.groups
+    b, length = rows, tokens // rows
 
     def rnd(*shape, scale=1.0):
         t = torch.randn(*shape, generator=gen) * scale
         return t.to(device=device, dtype=dtype).requires_grad_()
 
     inputs = dict(
-        x=rnd(1, length, h, p),
-        dt=rnd(1, length, h),
+        x=rnd(b, length, h, p),
+        dt=rnd(b, length, h),
         A=(-torch.exp(torch.rand(h, generator=gen) * 2.7)).to(device, dtype).requires_grad_(),
-        B=rnd(1, length, g, n, scale=n ** -0.5),
-        C=rnd(1, length, g, n, scale=n ** -0.5),
+        B=rnd(b, length, g, n, scale=n ** -0.5),
+        C=rnd(b, length, g, n, scale=n ** -0.5),
         D=rnd(h),
-        z=rnd(1, length, h, p),
+        z=rnd(b, length, h, p),
         dt_bias=rnd(h, scale=0.5),
     )
-    seq_idx = packed_seq_idx(length, args.mean_seq_len, gen).to(device)
+    seq_idx = packed_seq_idx(b, length, args.mean_seq_len, gen).to(device)
     return inputs, seq_idx
 
 
@@ -72,27 +79,48 @@ def time_fwd_bwd(fn, inputs, repeats, warmup, device):
             gy = torch.randn_like(y)
         torch.autograd.grad(y, leaves, gy)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
-    sync()
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        # device events around each step: no host clock reads a queue still running
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _append_csv(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096],
+                    help="tokens per call, all rows together")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1],
+                    help="lay each length out as this many rows of whole sequences (batch dim)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, nargs="+", default=[64], dest="chunk_sizes")
+    ap.add_argument("--backends", default=None,
+                    help="comma list of torch, naive, triton (default: torch,naive, plus triton on CUDA)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--headdim", type=int, default=16)
     ap.add_argument("--d-state", type=int, default=64)
@@ -103,53 +131,69 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: leave torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--csv", default=None, help="also append the rows to this CSV file")
     args = ap.parse_args()
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    with_triton = device.type == "cuda"
+    backends = (args.backends.split(",") if args.backends
+                else ["torch", "naive"] + (["triton"] if device.type == "cuda" else []))
+    unknown = set(backends) - {"torch", "naive", "triton"}
+    if unknown:
+        ap.error(f"--backends: unknown {sorted(unknown)}; expected torch, naive, triton")
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"chunk_size={args.chunk_size} h={args.heads} p={args.headdim} n={args.d_state} "
-          f"g={args.groups} batch=1 (packed, mean seq len {args.mean_seq_len}), "
+          f"h={args.heads} p={args.headdim} n={args.d_state} g={args.groups} "
+          f"packed sequences of mean length {args.mean_seq_len}, "
           f"forward+backward, median of {args.repeats} after {args.warmup} warm-up")
+    if device.type == "cuda":
+        print(torch.cuda.get_device_name(device), "torch", torch.__version__)
 
-    cols = ["tokens", "torch ms", "torch tok/s", "naive ms", "naive tok/s", "speedup"]
-    if with_triton:
-        cols += ["triton ms", "triton tok/s"]
-    print(" | ".join(f"{c:>12}" for c in cols))
-    skipped, triton_error = [], None
+    cols = ["tokens", "rows", "chunk", "backend", "ms", "tok/s"]
+    print(" | ".join(f"{c:>10}" for c in cols), flush=True)
+    results, skipped, triton_error = [], [], None
     for length in args.lengths:
-        gen = torch.Generator().manual_seed(args.seed)
-        inputs, seq_idx = make_inputs(length, args, dtype, device, gen)
-        kw = dict(seq_idx=seq_idx, dt_softplus=True)
-        t_torch = time_fwd_bwd(lambda: ssd_scan(chunk_size=args.chunk_size, backend="torch", **inputs, **kw),
-                               inputs, args.repeats, args.warmup, device)
-        row = [f"{length:>12d}", f"{t_torch * 1e3:>12.2f}", f"{length / t_torch:>12.0f}"]
-        if length <= args.naive_max_length:
-            # the naive loop is deterministic in cost: fewer repeats keep the run short
-            t_naive = time_fwd_bwd(lambda: ssd_recurrence_naive(**inputs, **kw), inputs,
-                                   max(1, min(args.repeats, 3)), 1, device)
-            row += [f"{t_naive * 1e3:>12.2f}", f"{length / t_naive:>12.0f}",
-                    f"{t_naive / t_torch:>11.1f}x"]
-        else:
-            skipped.append(length)
-            row += [f"{'skipped':>12}"] * 3
-        if with_triton and triton_error is None:
-            try:
-                t_tr = time_fwd_bwd(lambda: ssd_scan(chunk_size=args.chunk_size, backend="triton", **inputs, **kw),
-                                    inputs, args.repeats, args.warmup, device)
-                row += [f"{t_tr * 1e3:>12.3f}", f"{length / t_tr:>12.0f}"]
-            except RuntimeError as e:  # mamba_ssm missing: say so once, keep the table
-                triton_error = str(e)
-        if with_triton and triton_error is not None:
-            row += [f"{'n/a':>12}"] * 2
-        print(" | ".join(row), flush=True)
+        for rows in args.rows:
+            if length % rows:
+                ap.error(f"--lengths {length} is not a multiple of --rows {rows}")
+            gen = torch.Generator().manual_seed(args.seed)
+            inputs, seq_idx = make_inputs(length, rows, args, dtype, device, gen)
+            kw = dict(seq_idx=seq_idx, dt_softplus=True)
+            for chunk in args.chunk_sizes:
+                for backend in backends:
+                    if backend == "naive":
+                        if chunk != args.chunk_sizes[0]:
+                            continue  # the naive loop has no chunks: once per layout
+                        if length > args.naive_max_length:
+                            skipped.append(length)
+                            continue
+                        # deterministic in cost: fewer repeats keep the run short
+                        fn, reps, warm = (lambda: ssd_recurrence_naive(**inputs, **kw)), max(1, min(args.repeats, 3)), 1
+                    else:
+                        if backend == "triton" and triton_error is not None:
+                            continue
+                        fn = (lambda b=backend, q=chunk: ssd_scan(chunk_size=q, backend=b, **inputs, **kw))
+                        reps, warm = args.repeats, args.warmup
+                    try:
+                        t = time_fwd_bwd(fn, inputs, reps, warm, device)
+                    except RuntimeError as e:
+                        if backend != "triton":
+                            raise
+                        triton_error = str(e)  # mamba_ssm missing: say so once, keep the table
+                        continue
+                    row = dict(tokens=length, rows=rows, chunk=chunk if backend != "naive" else "",
+                               backend=backend, ms=round(t * 1e3, 3), tok_per_s=round(length / t))
+                    results.append(row)
+                    print(" | ".join(f"{v!s:>10}" for v in row.values()), flush=True)
+                    if args.csv:  # row by row: a run cut off at its time limit keeps what it measured
+                        _append_csv(args.csv, {**row, "dtype": args.dtype, "device": str(device)})
     if triton_error is not None:
         print(f"triton backend unavailable: {triton_error}")
     if skipped:
-        print(f"naive recurrence skipped for lengths > --naive-max-length={args.naive_max_length}: {skipped}")
+        print(f"naive recurrence skipped for lengths > --naive-max-length={args.naive_max_length}: "
+              f"{sorted(set(skipped))}")
+
 
 
 if __name__ == "__main__":
