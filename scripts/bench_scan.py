@@ -17,7 +17,6 @@ import csv
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -26,6 +25,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmark import time_steps  # noqa: E402  (scripts/, this file's folder)
 from ssd4rec.ops import ssd_scan  # noqa: E402
 from ssd4rec.ops.reference import ssd_recurrence_naive  # noqa: E402
 
@@ -79,23 +79,7 @@ def time_fwd_bwd(fn, inputs, repeats, warmup, device):
             gy = torch.randn_like(y)
         torch.autograd.grad(y, leaves, gy)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    if device.type == "cuda":
-        # device events around each step: no host clock reads a queue still running
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+    _, times = time_steps(step, device, warmup, repeats)  # CUDA events on a GPU
     return statistics.median(times)
 
 
