@@ -102,7 +102,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chunk-size", type=int, nargs="+", default=[64], dest="chunk_sizes")
+    ap.add_argument("--chunk-size", type=int, nargs="+", default=[64], dest="chunk_sizes",
+                    help="one or more chunk sizes; the torch backend evaluates chunks above 64 "
+                         "as chunks of 64 (ssd_scan._TORCH_MAX_CHUNK)")
     ap.add_argument("--backends", default=None,
                     help="comma list of torch, naive, triton (default: torch,naive, plus triton on CUDA)")
     ap.add_argument("--heads", type=int, default=32)
