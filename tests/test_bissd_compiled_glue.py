@@ -195,6 +195,6 @@ def test_benchmark_ssd_set_reaches_the_config(text, expected):
 
 
 def test_config_yaml_keeps_compile_glue_off():
-    """Off until measured on a GPU: config.yaml says so, and the model's default agrees."""
+    """Off until its inductor test has run on a GPU: config.yaml says so, and the model's default agrees."""
     values, _ = collect_values(ROOT / "config.yaml", ROOT / "datasets", {"dataset": "ml-100k"})
     assert values["compile_glue"] is False
