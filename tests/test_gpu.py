@@ -126,11 +126,13 @@ def scan_inputs(b, l, h, p, g, n, gen, with_z):
 
 @pytest.mark.parametrize("with_z", [False, True], ids=["no_z", "z"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_ssd_scan_triton_matches_torch_model_class(dtype, with_z):
-    """The kernel class the model uses: headdim 16, d_state 64, one group, chunk 256;
-    l = 1000 is not a multiple of the chunk, and sequences start and end mid-chunk.
+@pytest.mark.parametrize("chunk", [256, 128], ids=["chunk256", "chunk128"])
+def test_ssd_scan_triton_matches_torch_model_class(dtype, with_z, chunk):
+    """The kernel class the model uses: headdim 16, d_state 64, one group, chunk 256 (the
+    default) or 128 (the faster option, README); l = 1000 is not a multiple of the chunk, and
+    sequences start and end mid-chunk.
     (Each new kernel class costs about a minute of Triton compile/autotune on first use.)"""
-    shape = b, l, h, p, g, n, chunk = (2, 1000, 8, 16, 1, 64, 256)
+    shape = b, l, h, p, g, n, chunk = (2, 1000, 8, 16, 1, 64, chunk)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype), with_z)).encode()))
     base = scan_inputs(b, l, h, p, g, n, gen, with_z)
     seq_idx = random_seq_idx(b, l, gen).to(DEV)
