@@ -583,9 +583,9 @@ def bench_step(args, device):
     res = RESULTS.setdefault("step", {})
     config, trainer, train_data, _, t_data = build_pipeline(
         "SSD4Rec", {"train_batch_size": args.batch_size, "var_len": True,
-                    "max_history_length": args.ssd_max_history}, args)
+                    "max_history_length": args.ssd_max_history, **args.ssd_set}, args)
     res.update(max_history_length=args.ssd_max_history, data_prep_s=t_data, train_batches=len(train_data),
-               step_batches=args.step_batches, runs=[])
+               step_batches=args.step_batches, config_overrides=args.ssd_set, runs=[])
     field = trainer.model.ITEM_SEQ_LEN
 
     def counter(inter):
@@ -1011,8 +1011,8 @@ def main(argv=None):
     ap.add_argument("--profile-amp", default="fp32", choices=("fp32", "tf32", "bf16"),
                     help="precision of the profiled steps")
     ap.add_argument("--ssd-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an SSD4Rec config key (YAML value) in the ssd4rec part, e.g. "
-                         "--ssd-set chunk_size=64; repeatable")
+                    help="override an SSD4Rec config key (YAML value) in the ssd4rec and step parts, "
+                         "e.g. --ssd-set chunk_size=64 or --ssd-set compile_glue=true; repeatable")
     ap.add_argument("--profile-out", default=None, help="profiler table path (default: beside --out)")
     args = ap.parse_args(argv)
     if args.plot:

@@ -18,9 +18,13 @@ from torch import nn
 from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
 from ssd4rec.data.packing import host_total_tokens, pack_batch
 from ssd4rec.models.init import sasrec_init
+from ssd4rec.models.lifelong import _compile_glue
+from ssd4rec.modules import bissd_glue
 from ssd4rec.modules.bissd import BiSSDEncoder
 
 MASK_TOKEN = 0
+# compile_glue when the key is absent: off until the compiled glue is measured on a GPU.
+COMPILE_GLUE = False
 
 
 class SSD4Rec(SequentialRecommender):
@@ -28,7 +32,9 @@ class SSD4Rec(SequentialRecommender):
 
     Config keys: hidden_size, num_layers, d_state, d_conv, expand, headdim,
     chunk_size, dropout_prob, beta, norm_embedding, maskratio, var_len,
-    shared_directions, align_backward, layer_norm_eps, backend.
+    shared_directions, align_backward, layer_norm_eps, backend, compile_glue (true, false
+    or auto: on for a CUDA device; the embedding norm and each Bi-SSD layer's glue through
+    torch.compile, ``ssd4rec.modules.bissd_glue``; absent: COMPILE_GLUE).
     """
 
     def __init__(self, config, dataset):
@@ -36,6 +42,9 @@ class SSD4Rec(SequentialRecommender):
         self.hidden_size = config["hidden_size"]
         self.mask_ratio = config["maskratio"]
         self.norm_embedding = config["norm_embedding"]
+        value = config["compile_glue"] if "compile_glue" in config else None
+        self.compile_glue = _compile_glue(COMPILE_GLUE if value is None else value,
+                                          config["device"] if "device" in config else None)
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size)
         self.emb_dropout = nn.Dropout(config["dropout_prob"])
@@ -54,6 +63,7 @@ class SSD4Rec(SequentialRecommender):
             align_backward=config["align_backward"],
             layer_norm_eps=config["layer_norm_eps"],
             backend=config["backend"],
+            compile_glue=self.compile_glue,
         )
         self.loss_fct = nn.CrossEntropyLoss()
 
@@ -77,7 +87,9 @@ class SSD4Rec(SequentialRecommender):
     def forward(self, packed):
         """packed: PackedBatch with T tokens, B sequences -> (B, hidden_size)"""
         x = self.item_embedding(packed.items)
-        if self.norm_embedding:
+        if self.norm_embedding and self.compile_glue:
+            x = bissd_glue.embed_norm(x, self.emb_layer_norm, self.emb_dropout)
+        elif self.norm_embedding:
             x = self.emb_layer_norm(self.emb_dropout(x))
         return self.encoder(x, packed.cu_seqlens, packed.seq_idx, packed.reverse_index, packed.last_index)
 

@@ -25,6 +25,10 @@ Two choices the paper leaves open, both offered here:
   ``align_backward=True`` the backward output is flipped back first, so position p
   gets the backward summary of items p..L-1 (at the last token: the last item
   only). The default, False, reproduces the official code.
+
+``compile_glue``: the elementwise glue around each layer's scan through torch.compile
+(``ssd4rec.modules.bissd_glue`` says what is compiled and what stays eager); same maths,
+same parameters and state_dict.
 """
 
 import torch
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssd4rec.data.packing import segment_layout
+from ssd4rec.modules import bissd_glue
 from ssd4rec.modules.mamba2 import Mamba2Mixer
 
 
@@ -74,12 +79,18 @@ def reverse_rows(x, reverse_index):
 
 
 class BiSSDLayer(nn.Module):
-    """One Bi-SSD layer on a packed stream x: (T, d_model)."""
+    """One Bi-SSD layer on a packed stream x: (T, d_model).
 
-    def __init__(self, d_model, dropout, beta, shared_directions, align_backward, layer_norm_eps, **mixer_args):
+    compile_glue (bool, a plain attribute: not in the state_dict): run the glue around the
+    scan compiled (``bissd_glue``); with unshared directions only what follows the combine.
+    """
+
+    def __init__(self, d_model, dropout, beta, shared_directions, align_backward, layer_norm_eps,
+                 compile_glue=False, **mixer_args):
         super().__init__()
         self.beta = beta
         self.align_backward = align_backward
+        self.compile_glue = compile_glue
         self.forward_ssd = Mamba2Mixer(d_model, **mixer_args)
         self.backward_ssd = self.forward_ssd if shared_directions else Mamba2Mixer(d_model, **mixer_args)
         self.layer_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
@@ -106,9 +117,7 @@ class BiSSDLayer(nn.Module):
         mixer = self.forward_ssd
         projected = mixer.in_proj(x)  # (T, P), once for both directions
         both = torch.stack([projected, reverse_rows(projected, reverse_index)])  # (2, T, P)
-        z, xBC, dt = mixer.split_projection(both)
-        seq_idx2 = seq_idx.expand(2, -1)
-        y = mixer.ssm(mixer.convolve(xBC, seq_idx2), dt, seq_idx2)  # (2, T, d_inner)
+        y, z = self._scan_both(both, seq_idx)
         gated = mixer.norm(y, z)
         bwd = reverse_rows(gated[1], reverse_index) if self.align_backward else gated[1]
         combined = gated[0] + self.beta * bwd  # (T, d_inner)
@@ -119,20 +128,42 @@ class BiSSDLayer(nn.Module):
             out = out + (1 + self.beta) * mixer.out_proj.bias
         return out
 
+    def _scan_both(self, both, seq_idx):
+        """The shared mixer's conv and scan on both directions at once (eager in either mode).
+
+        both: (2, T, P) in_proj's output, row 1 reversed; seq_idx: (T,) int32
+        -> y: (2, T, d_inner) before the gated norm, z: (2, T, d_inner) its gate
+        """
+        mixer = self.forward_ssd
+        z, xBC, dt = mixer.split_projection(both)
+        seq_idx2 = seq_idx.expand(2, -1)
+        return mixer.ssm(mixer.convolve(xBC, seq_idx2), dt, seq_idx2), z
+
     def forward(self, x, seq_idx, reverse_index, keep_index=None):
         """x: (T, d_model), seq_idx: (T,) int32, reverse_index: (T,) -> (T, d_model), or
         (K, d_model) at the rows keep_index: (K,) only (what the last layer needs)."""
+        if self.compile_glue:
+            return self._forward_compiled_glue(x, seq_idx, reverse_index, keep_index)
         mixed = self.mix(x, seq_idx, reverse_index, keep_index)
         if keep_index is not None:
             x = x[keep_index]
         h = self.dropout(self.layer_norm(mixed + x))
         return self.ffn(h)
 
+    def _forward_compiled_glue(self, x, seq_idx, reverse_index, keep_index):
+        """forward, same maths, the glue compiled: shapes as forward."""
+        if not self.shared_directions:  # two whole mixers, eager; the rest compiled
+            return bissd_glue.after_mix(self, x, self.mix(x, seq_idx, reverse_index, keep_index), keep_index)
+        y, z = self._scan_both(bissd_glue.both_directions(self, x, reverse_index), seq_idx)
+        return bissd_glue.layer_tail(self, x, y, z, reverse_index, keep_index)
+
 
 class BiSSDEncoder(nn.Module):
     """A stack of Bi-SSD layers over packed sequences; no RecBole dependency.
 
     forward(x: (T, d_model), cu_seqlens: (B+1,) int) -> (T, d_model)
+
+    compile_glue: each layer's glue through torch.compile (``BiSSDLayer``).
     """
 
     def __init__(
@@ -150,13 +181,15 @@ class BiSSDEncoder(nn.Module):
         align_backward=False,
         layer_norm_eps=1e-12,
         backend="auto",
+        compile_glue=False,
     ):
         super().__init__()
         mixer_args = dict(
             d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, chunk_size=chunk_size, backend=backend
         )
         self.layers = nn.ModuleList(
-            BiSSDLayer(d_model, dropout, beta, shared_directions, align_backward, layer_norm_eps, **mixer_args)
+            BiSSDLayer(d_model, dropout, beta, shared_directions, align_backward, layer_norm_eps, compile_glue,
+                       **mixer_args)
             for _ in range(num_layers)
         )
 
