@@ -56,3 +56,18 @@ def pinned_triton_configs():
     yield [label for _, _, label in pinned]
     for obj, saved, _ in pinned:
         obj.configs = saved
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """compile_glue's regions compiled afresh with inductor (the default backend) for this
+    test: the GPU tests check inductor's generated code, the CPU tests use aot_eager."""
+    import torch
+
+    from ssd4rec.modules import compiled_glue
+
+    torch._dynamo.reset()
+    compiled_glue._compile.cache_clear()
+    yield compiled_glue
+    torch._dynamo.reset()
+    compiled_glue._compile.cache_clear()

@@ -170,11 +170,11 @@ def test_plain_gated_rms_norm_equals_the_module(dtype, groups):
 
 
 def test_compile_glue_auto_means_on_for_cuda_only():
-    from ssd4rec.models.lifelong import _compile_glue
+    from ssd4rec.modules.compiled_glue import resolve_compile_glue
 
-    assert _compile_glue("auto", torch.device("cuda")) is True
-    assert _compile_glue("auto", "cuda:1") is True
-    assert _compile_glue("auto", torch.device("cpu")) is False
-    assert _compile_glue("auto", None) is False
-    assert _compile_glue(True, torch.device("cpu")) is True
-    assert _compile_glue(False, torch.device("cuda")) is False
+    assert resolve_compile_glue("auto", torch.device("cuda")) is True
+    assert resolve_compile_glue("auto", "cuda:1") is True
+    assert resolve_compile_glue("auto", torch.device("cpu")) is False
+    assert resolve_compile_glue("auto", None) is False
+    assert resolve_compile_glue(True, torch.device("cpu")) is True
+    assert resolve_compile_glue(False, torch.device("cuda")) is False

@@ -540,27 +540,14 @@ def test_layer_norm_cuda_path_matches_nn_layer_norm(dtype):
 # --------------------------------------------------------------------------------------------
 # SSD4Rec's compile_glue (inductor) against eager, both on the GPU kernels
 # --------------------------------------------------------------------------------------------
-@pytest.fixture
-def fresh_inductor():
-    """The glue's regions compiled afresh with inductor, the default backend (the CPU tests
-    check the graphs with aot_eager; only here does inductor generate the code)."""
-    from ssd4rec.modules import compiled_glue
-
-    torch._dynamo.reset()
-    compiled_glue._compile.cache_clear()
-    assert compiled_glue.COMPILE_BACKEND == "inductor"
-    yield
-    torch._dynamo.reset()
-    compiled_glue._compile.cache_clear()
-
-
 @pytest.mark.parametrize("keep", [False, True], ids=["all-rows", "keep-index"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "two_mixers"])
 @pytest.mark.parametrize("align", [False, True], ids=["official", "aligned"])
-def test_encoder_compiled_glue_matches_eager_on_gpu(shared, align, keep, fresh_inductor):
+def test_encoder_compiled_glue_matches_eager_on_gpu(shared, align, keep, fresh_dynamo):
     """BiSSDEncoder with compile_glue=True against the same weights eager, fp32, packed
     sequences: output, dx and every parameter gradient. Both sides run the same Triton scan and
     CUDA conv, so only the glue's fusion (reduction order in the norms) may differ."""
+    assert fresh_dynamo.COMPILE_BACKEND == "inductor"
     eager = make_encoder(shared, align)
     torch.manual_seed(0)
     compiled = BiSSDEncoder(d_model=256, num_layers=2, d_state=64, d_conv=4, expand=2, headdim=16,

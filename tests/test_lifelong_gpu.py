@@ -81,18 +81,6 @@ def test_gpu_kernels_match_the_pytorch_ops(backbone, window):
     assert rel(scores_g, scores_t) < 5e-3
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """compile_glue's regions compiled afresh with inductor (the default backend) for this test."""
-    from ssd4rec.modules import compiled_glue
-
-    torch._dynamo.reset()
-    compiled_glue._compile.cache_clear()
-    yield compiled_glue
-    torch._dynamo.reset()
-    compiled_glue._compile.cache_clear()
-
-
 def assert_close_steps(a, b):
     """Same kernels on both sides, fp32: only rounding (and mamba_ssm's atomic adds) differ.
     Per parameter looser: a small gradient (of a near-silent mixer at SASRec's init) is a sum

@@ -72,6 +72,7 @@ from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
 from ssd4rec.data.lifelong import LifelongDataset
 from ssd4rec.errors import SSD4RecError
 from ssd4rec.models.init import sasrec_init
+from ssd4rec.modules.compiled_glue import resolve_compile_glue
 from ssd4rec.modules.lifelong_backbones import BACKBONES, build_backbone
 from ssd4rec.modules.losses import chunked_cross_entropy, sample_negatives, sampled_bce_loss
 from ssd4rec.modules.segments import Segments
@@ -84,15 +85,6 @@ DEFAULTS = {"backbone": "ssd", "inner_size": None, "n_heads": 1, "attn_dropout_p
 # scan_row_tokens when the key is absent (null means off, so it is not in DEFAULTS): one row.
 # Rows of 32,768 tokens were 4% faster and took 6% more memory on an H100 (lifelongrec.yaml).
 SCAN_ROW_TOKENS = 0
-
-
-def _compile_glue(value, device):
-    """The config's compile_glue (true, false or auto) as a bool; auto: on for a CUDA device."""
-    if value == "auto":
-        return device is not None and torch.device(device).type == "cuda"
-    if not isinstance(value, bool):
-        raise SSD4RecError(f"config key 'compile_glue': expected true, false or auto, got {value!r}")
-    return value
 
 
 def _scan_row_tokens(config):
@@ -180,7 +172,7 @@ class LifelongRec(SequentialRecommender):
         if values["backbone"] == "ssd" and (config["hidden_size"] * config["expand"]) % config["headdim"]:
             raise SSD4RecError(f"config keys 'hidden_size' * 'expand' = {config['hidden_size'] * config['expand']} "
                                f"must be a multiple of 'headdim' = {config['headdim']}")
-        compile_glue = _compile_glue(values["compile_glue"], config["device"] if "device" in config else None)
+        compile_glue = resolve_compile_glue(values["compile_glue"], config["device"] if "device" in config else None)
         scan_row_tokens = _scan_row_tokens(config)
         self.backbone_name = values["backbone"]
         self.loss_type = values["loss_type"]

@@ -18,8 +18,8 @@ from torch import nn
 from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
 from ssd4rec.data.packing import host_total_tokens, pack_batch
 from ssd4rec.models.init import sasrec_init
-from ssd4rec.models.lifelong import _compile_glue
 from ssd4rec.modules import bissd_glue
+from ssd4rec.modules.compiled_glue import resolve_compile_glue
 from ssd4rec.modules.bissd import BiSSDEncoder
 
 MASK_TOKEN = 0
@@ -43,8 +43,8 @@ class SSD4Rec(SequentialRecommender):
         self.mask_ratio = config["maskratio"]
         self.norm_embedding = config["norm_embedding"]
         value = config["compile_glue"] if "compile_glue" in config else None
-        self.compile_glue = _compile_glue(COMPILE_GLUE if value is None else value,
-                                          config["device"] if "device" in config else None)
+        self.compile_glue = resolve_compile_glue(COMPILE_GLUE if value is None else value,
+                                                 config["device"] if "device" in config else None)
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size)
         self.emb_dropout = nn.Dropout(config["dropout_prob"])

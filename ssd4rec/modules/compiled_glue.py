@@ -58,7 +58,19 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ssd4rec.errors import SSD4RecError
+
 COMPILE_BACKEND = "inductor"  # a torch.compile backend name or callable; read at each call
+
+
+def resolve_compile_glue(value, device):
+    """A config's compile_glue (true, false or auto) as a bool; auto: on for a CUDA device.
+    Shared by the models that offer the option (LifelongRec, SSD4Rec)."""
+    if value == "auto":
+        return device is not None and torch.device(device).type == "cuda"
+    if not isinstance(value, bool):
+        raise SSD4RecError(f"config key 'compile_glue': expected true, false or auto, got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
