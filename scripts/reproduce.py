@@ -22,8 +22,10 @@ Running the command again skips finished runs and resumes unfinished ones from t
   short GPU sessions, runs recorded ``stopped_by: time_budget`` go on from their ``last.pth``
   under this session's budget, and their record is rewritten for the
   whole run (every session's epoch times; ``earlier_segments`` keeps the earlier records'
-  epochs, stopped_by, time_budget, device, note, ...). A run whose ``last.pth`` is gone, or
-  asked for with other settings, is left as it is, with a line saying why. Runs that stopped
+  epochs, stopped_by, time_budget, device, overrides, note, ...). A run whose ``last.pth`` is
+  gone, or asked for with other settings, is left as it is, with a line saying why; the time
+  budget, paths, GPU id and the implementation keys ``backend``, ``chunk_size`` and
+  ``compile_glue`` (same function, other kernels) may change. Runs that stopped
   early or at max epochs are never touched. Without the flag they are all skipped.
 
 Exit status: 0 when every requested run is finished or was skipped as not available here,

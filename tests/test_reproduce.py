@@ -324,6 +324,30 @@ def test_a_budget_stopped_run_asked_for_with_other_settings_is_not_continued(tmp
     assert store.load_run(*GRU1)["epochs"] == 2
 
 
+def test_a_budget_stopped_run_may_change_how_its_function_is_computed(tmp_path):
+    """backend, chunk_size and compile_glue change the kernels, not the model: a continued run
+    may switch them, and the earlier segment keeps the overrides it ran with."""
+    store = ResultStore(tmp_path)
+    training = FakeTraining(epochs=4)
+    budget_session(store, training, 2, "session 1")
+    first = store.load_run(*GRU1)
+    training.budget = None
+    faster = {"max_train_seconds": 60, "compile_glue": True, "chunk_size": 128, "backend": "torch"}
+    summary = run_sweep(store, training, models=("GRU4Rec",), seeds=(1,), note="session 2",
+                        continue_budgeted=True, extra=faster)
+    assert summary["ran"] == [Task(*GRU1)]
+    assert training.calls[-1]["compile_glue"] is True and training.calls[-1]["chunk_size"] == 128
+    rec = store.load_run(*GRU1)
+    assert rec["epochs"] == 4 and rec["overrides"]["chunk_size"] == 128
+    assert rec["earlier_segments"][0]["overrides"] == first["overrides"]
+    assert "chunk_size" not in first["overrides"]
+    runs = table.write_report(store, ["ml-100k"], ["GRU4Rec"]).split("## Runs", 1)[1]
+    row = next(line for line in runs.splitlines() if "| GRU4Rec | 1 |" in line)
+    later, earlier = row.split("epochs 3–4: ", 1)[1].split(" (epochs 1–2: ", 1)
+    assert {"compile_glue: True", "chunk_size: 128", "backend: torch"} <= set(later.split("; "))
+    assert "chunk_size" not in earlier.split(")")[0]
+
+
 def test_runs_that_stopped_early_or_at_max_epochs_are_never_continued(tmp_path):
     store = ResultStore(tmp_path)
     training = FakeTraining(epochs=3, end="early_stopping")

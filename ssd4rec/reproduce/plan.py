@@ -23,8 +23,9 @@ stopping, max epochs or this session's budget, and its record is rewritten for t
 the earlier record said about each earlier session (epochs, best epoch, stopped_by,
 time_budget, test, device, kernels, note, finished_at). A run cannot go on without its
 ``last.pth``, or with other settings than it started with (the time budget, ``data_path``,
-``checkpoint_dir`` and ``gpu_id`` may change); it is then left as it is, with a line saying
-why. Records of runs that stopped early or at max epochs are never touched.
+``checkpoint_dir`` and ``gpu_id`` may change, and so may ``backend``, ``chunk_size`` and
+``compile_glue``, which change how the same function is computed); it is then left as it is,
+with a line saying why. Each earlier segment keeps the overrides it ran with. Records of runs that stopped early or at max epochs are never touched.
 
 Datasets whose data is missing and models the framework does not know are recorded in the
 store and skipped; any other failure of one run is recorded next to it
@@ -100,9 +101,14 @@ _RUN_KEYS = ("run_dir", "checkpoint")
 # Keys a continued run may change between sessions: where the data and GPU are, and how long
 # a session is; anything else changed would make one record of two different runs.
 _SESSION_KEYS = ("max_train_seconds", "data_path", "checkpoint_dir", "gpu_id")
+# Keys that choose how the model's function is computed, not which function: the kernels
+# (backend), the scan's chunk size and the compiled glue. Results differ only by rounding, so
+# a continued run may change them too (e.g. a faster setting measured after the run began);
+# each earlier segment's record keeps the overrides it ran with.
+IMPLEMENTATION_KEYS = ("backend", "chunk_size", "compile_glue")
 # What a continued run's record keeps of each earlier session's record.
 _SEGMENT_KEYS = ("epochs", "best_epoch", "stopped_by", "time_budget", "test", "device",
-                 "implementation", "note", "finished_at")
+                 "implementation", "overrides", "note", "finished_at")
 
 
 @dataclass(frozen=True)
@@ -260,7 +266,9 @@ def _read_checkpoint(path: Path) -> Optional[dict]:
 
 
 def _session_free(values: Optional[dict]) -> dict:
-    return {k: v for k, v in (values or {}).items() if k not in _SESSION_KEYS}
+    """The settings that must match for a run to go on: all but _SESSION_KEYS and
+    IMPLEMENTATION_KEYS."""
+    return {k: v for k, v in (values or {}).items() if k not in _SESSION_KEYS + IMPLEMENTATION_KEYS}
 
 
 def budget_continuation(task: Task, store: ResultStore, record: dict,

@@ -21,7 +21,7 @@ import io
 import math
 from typing import Iterable, Optional
 
-from ssd4rec.reproduce.plan import MODEL_SETTINGS, OURS, SETTINGS_SOURCES
+from ssd4rec.reproduce.plan import IMPLEMENTATION_KEYS, MODEL_SETTINGS, OURS, SETTINGS_SOURCES
 from ssd4rec.reproduce.store import ResultStore
 
 # (RecBole result key, column title)
@@ -241,21 +241,23 @@ def build_report(records: list[dict], datasets: list[str], models: list[str],
 
 def _kernels_text(record: dict) -> str:
     """The kernels of the record's last session, and of any earlier sessions that used others
-    (a run continued on a machine without, say, the causal_conv1d package), by epochs."""
-    def text(impl):
-        return "; ".join(f"{k}: {v}" for k, v in (impl or {}).items())
+    (a run continued on a machine without, say, the causal_conv1d package, or with another
+    chunk_size or compile_glue), by epochs."""
+    def text(session):
+        chosen = {k: v for k, v in (session.get("overrides") or {}).items() if k in IMPLEMENTATION_KEYS}
+        return "; ".join(f"{k}: {v}" for k, v in {**(session.get("implementation") or {}), **chosen}.items())
 
     spans = []  # [first epoch, last epoch, kernels], neighbours with the same kernels merged
     sessions = list(record.get("earlier_segments") or []) + [record]
     for session in sessions:
         first = spans[-1][1] + 1 if spans else 1
-        kernels, last_epoch = text(session.get("implementation")), session.get("epochs") or first - 1
+        kernels, last_epoch = text(session), session.get("epochs") or first - 1
         if spans and spans[-1][2] == kernels:
             spans[-1][1] = last_epoch
         elif last_epoch >= first:
             spans.append([first, last_epoch, kernels])
     if len(spans) <= 1:
-        return text(record.get("implementation"))
+        return text(record)
     *earlier, (first, last_epoch, kernels) = spans
     before = " / ".join(f"epochs {a}–{b}: {k}" for a, b, k in earlier)
     return f"epochs {first}–{last_epoch}: {kernels} ({before})"
