@@ -138,7 +138,7 @@ def main():
 
     cols = ["tokens", "rows", "chunk", "backend", "ms", "tok/s"]
     print(" | ".join(f"{c:>10}" for c in cols), flush=True)
-    results, skipped, triton_error = [], [], None
+    skipped, triton_error = [], None
     for length in args.lengths:
         for rows in args.rows:
             if length % rows:
@@ -170,7 +170,6 @@ def main():
                         continue
                     row = dict(tokens=length, rows=rows, chunk=chunk if backend != "naive" else "",
                                backend=backend, ms=round(t * 1e3, 3), tok_per_s=round(length / t))
-                    results.append(row)
                     print(" | ".join(f"{v!s:>10}" for v in row.values()), flush=True)
                     if args.csv:  # row by row: a run cut off at its time limit keeps what it measured
                         _append_csv(args.csv, {**row, "dtype": args.dtype, "device": str(device)})
@@ -179,7 +178,6 @@ def main():
     if skipped:
         print(f"naive recurrence skipped for lengths > --naive-max-length={args.naive_max_length}: "
               f"{sorted(set(skipped))}")
-
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_scan import packed_seq_idx  # noqa: E402  (scripts/, this file's folder)
+
 try:
     import triton
     import triton.language as tl
@@ -147,8 +150,7 @@ def random_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
     """Valid inputs: sequence ids along each row, C·Bᵀ zeroed across sequences (as mamba_ssm's
     _bmm_chunk_fwd with seq_idx makes it), decaying cumulative dA within each chunk."""
     nchunks = -(-seqlen // q)
-    lengths = torch.randint(1, 2 * mean_len, (batch, seqlen), generator=gen)
-    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(seqlen), row)[:seqlen] for row in lengths])
+    seq_idx = packed_seq_idx(batch, seqlen, mean_len, gen).long()
     B = torch.randn(batch, nchunks * q, n, generator=gen) * n ** -0.5
     C = torch.randn(batch, nchunks * q, n, generator=gen) * n ** -0.5
     padded = torch.nn.functional.pad(seq_idx, (0, nchunks * q - seqlen), value=-1)
@@ -202,7 +204,6 @@ def main():
         print(f"kernel vs float64 loop: worst relative error {err:.2e}")
         sys.exit(0 if err < TOLERANCE[device] else 1)
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from ssd4rec.ops.ssd_scan import _load_triton_scan
 
     _, error = _load_triton_scan()  # mamba_ssm's import quirk handled there

@@ -128,7 +128,6 @@ def main(argv=None):
     results = dict(env=benchmark.RESULTS["env"], dataset=args.dataset, batch_size=args.batch_size,
                    precision=args.precision, max_history_length=args.ssd_max_history,
                    batches=args.batches, repeats=args.repeats, variants=variants, runs=[], summary={})
-    args.ssd_set = {}
     config, _, train_data, _, t_data = benchmark.build_pipeline(
         "SSD4Rec", {"train_batch_size": args.batch_size, "var_len": True,
                     "max_history_length": args.ssd_max_history}, args)

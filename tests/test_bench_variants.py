@@ -1,19 +1,13 @@
 """scripts/bench_variants.py: variant parsing, the config restored after each variant, the table."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_support import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_variants", ROOT / "scripts" / "bench_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_variants")
 
 
 def test_variant_values_are_read_as_yaml(bench):

@@ -1,15 +1,13 @@
 """scripts/benchmark_lifelong.py at a tiny size on CPU: every measurement recorded, OOM caught."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from ssd4rec.models.lifelong import LifelongRec
+from tests.script_support import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--lengths", "12,20", "--users", "3", "--items", "50",
         "--warmup", "0", "--max-batches", "1", "--eval-negatives", "9"]
 
@@ -18,10 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_lifelong", ROOT / "scripts" / "benchmark_lifelong.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_lifelong")
 
 
 def read_rows(out):
