@@ -124,10 +124,12 @@ def scan_inputs(b, l, h, p, g, n, gen, with_z):
     return t
 
 
-@pytest.mark.parametrize("with_z", [False, True], ids=["no_z", "z"])
+# backend "triton_heads" (our all-heads forward output pass) takes no z: SSD4Rec gates after the scan
+@pytest.mark.parametrize("backend, with_z", [("triton", False), ("triton", True), ("triton_heads", False)],
+                         ids=["no_z", "z", "heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("chunk", [256, 128], ids=["chunk256", "chunk128"])
-def test_ssd_scan_triton_matches_torch_model_class(dtype, with_z, chunk):
+def test_ssd_scan_triton_matches_torch_model_class(dtype, with_z, chunk, backend):
     """The kernel class the model uses: headdim 16, d_state 64, one group, chunk 256 (the
     default) or 128 (the faster option, README); l = 1000 is not a multiple of the chunk, and
     sequences start and end mid-chunk.
@@ -143,11 +145,11 @@ def test_ssd_scan_triton_matches_torch_model_class(dtype, with_z, chunk):
     ref = {k: v.detach().float().requires_grad_() for k, v in kern.items()}  # same rounded values
     kw = dict(chunk_size=chunk, seq_idx=seq_idx, dt_softplus=True)
 
-    y_k = ssd_scan(**kern, backend="triton", **kw)
+    y_k = ssd_scan(**kern, backend=backend, **kw)
     y_r = ssd_scan(**ref, backend="torch", **kw)
     assert y_k.dtype == dtype and y_r.dtype == torch.float32
     out_tol, grad_tol = SCAN_TOL[dtype]
-    tag = f"ssd_scan {shape} {dtype} z={with_z}"
+    tag = f"ssd_scan {backend} {shape} {dtype} z={with_z}"
     assert report(f"{tag} out", rel_err(y_k, y_r)) < out_tol
 
     gy = torch.randn(y_r.shape, generator=gen).to(DEV)
@@ -176,6 +178,27 @@ def test_ssd_scan_triton_other_class_and_options():
     for name, a, r in zip(kern, torch.autograd.grad(y_k, list(kern.values()), gy),
                           torch.autograd.grad(y_r, list(ref.values()), gy)):
         assert report(f"ssd_scan g2/chunk64 dt_limit D(h,p) d{name}", rel_err(a, r)) < grad_tol, name
+
+
+def test_all_heads_backend_refuses_what_its_kernel_does_not_do():
+    """One group, D of shape (h,), no z: anything else is a clear error, not a wrong result."""
+    gen = torch.Generator().manual_seed(5)
+    for groups, d_shape, with_z, match in ((2, "h", False, "one group"), (1, "hp", False, "D of shape"),
+                                           (1, "h", True, "does not take z")):
+        t = {k: v.to(DEV) for k, v in scan_inputs(1, 100, 8, 16, groups, 32, gen, with_z).items()}
+        if d_shape == "hp":
+            t["D"] = torch.randn(8, 16, device=DEV)
+        with pytest.raises(ValueError, match=match):
+            ssd_scan(**t, chunk_size=64, backend="triton_heads")
+
+
+def test_all_heads_backend_without_seq_idx_is_one_sequence_per_row():
+    gen = torch.Generator().manual_seed(6)
+    t = {k: v.to(DEV) for k, v in scan_inputs(2, 300, 8, 16, 1, 64, gen, False).items()}
+    kw = dict(chunk_size=128, dt_softplus=True)
+    y_heads = ssd_scan(**t, backend="triton_heads", **kw)
+    y_ref = ssd_scan(**t, backend="torch", **kw)
+    assert report("ssd_scan triton_heads no seq_idx out", rel_err(y_heads, y_ref)) < SCAN_TOL[torch.float32][0]
 
 
 def test_ssd_scan_auto_picks_triton_on_cuda():

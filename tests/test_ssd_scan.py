@@ -293,11 +293,13 @@ def fake_mamba(tmp_path, monkeypatch):
     for k in saved:
         del sys.modules[k]
     ssd_mod._load_triton_scan.cache_clear()
+    ssd_mod._load_triton_heads_scan.cache_clear()
     yield build
     for k in [k for k in sys.modules if k.split(".")[0] in ("mamba_ssm", "selective_scan_cuda")]:
         del sys.modules[k]
     sys.modules.update(saved)
     ssd_mod._load_triton_scan.cache_clear()
+    ssd_mod._load_triton_heads_scan.cache_clear()
 
 
 def test_triton_loader_stubs_missing_mamba1_extension(fake_mamba):
@@ -322,6 +324,23 @@ def test_triton_loader_does_not_mask_a_broken_extension(fake_mamba):
                {"selective_scan_cuda.py": "raise ImportError('undefined symbol: _ZN3c10')\n"})
     fn, reason = ssd_mod._load_triton_scan()
     assert fn is None and "undefined symbol" in reason
+
+
+def test_all_heads_loader_names_what_is_missing(fake_mamba):
+    """backend='triton_heads' needs mamba_ssm (as 'triton') and triton itself (its own kernel)."""
+    if importlib.util.find_spec("triton") is not None:
+        pytest.skip("triton is installed: nothing is missing")
+    fake_mamba("def mamba_chunk_scan_combined(*a, **k):\n    return 'fake'\n")
+    fn, reason = ssd_mod._load_triton_heads_scan()
+    assert fn is None and "triton" in reason
+    assert ssd_mod._load_triton_scan()[0] is not None  # the plain Triton backend still loads
+
+
+def test_all_heads_backend_on_cpu_tensors_says_so():
+    args = [torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2), -torch.ones(2),
+            torch.randn(1, 5, 1, 3), torch.randn(1, 5, 1, 3)]
+    with pytest.raises(RuntimeError, match="backend='triton_heads'.*needs CUDA tensors"):
+        ssd_scan(*args, 8, backend="triton_heads")
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from ssd4rec.ops.selective_scan import selective_scan
 
 # The config key `backend` is shared with SSD4Rec ("triton" there means "the GPU kernels");
 # each op has its own names for the same choice.
-_SCAN_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda", "cuda": "cuda"}
-_CONV_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda", "cuda": "cuda"}
+_SCAN_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda", "triton_heads": "cuda", "cuda": "cuda"}
+_CONV_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda", "triton_heads": "cuda", "cuda": "cuda"}
 
 
 class MambaBlock(nn.Module):

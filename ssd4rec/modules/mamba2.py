@@ -22,8 +22,8 @@ from torch import nn
 from ssd4rec.ops import causal_conv1d, ssd_scan
 
 
-# The scan's "triton" backend pairs with the causal_conv1d package's CUDA kernel.
-CONV_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda"}
+# The scan's "triton" backends pair with the causal_conv1d package's CUDA kernel.
+CONV_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda", "triton_heads": "cuda"}
 
 
 class GatedRMSNorm(nn.Module):

@@ -56,7 +56,7 @@ _STATE_PASSING_BLOCK = 16
 # the PyTorch path evaluates larger chunks as chunks of this size. None disables the cap.
 _TORCH_MAX_CHUNK: Optional[int] = 64
 
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "triton", "triton_heads")
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +91,20 @@ def _load_triton_scan() -> Tuple[Optional[Callable], Optional[str]]:
         if placeholder is not None and sys.modules.get("selective_scan_cuda") is placeholder:
             del sys.modules["selective_scan_cuda"]
     return mamba_chunk_scan_combined, None
+
+
+@functools.lru_cache(maxsize=1)
+def _load_triton_heads_scan() -> Tuple[Optional[Callable], Optional[str]]:
+    """``ssd4rec.ops.ssd_scan_heads.ssd_scan_all_heads`` (mamba_ssm's scan with our all-heads
+    forward output pass), imported once; ``(None, reason)`` where triton or mamba_ssm is missing."""
+    fn, reason = _load_triton_scan()  # mamba_ssm's import quirk is handled there, once
+    if fn is None:
+        return None, reason
+    try:
+        from ssd4rec.ops.ssd_scan_heads import ssd_scan_all_heads
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return ssd_scan_all_heads, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +439,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         seq_idx: (b, l) int, non-decreasing along l; the state restarts where it changes.
         dt_softplus: apply softplus to dt (+ dt_bias).
         dt_limit: clamp range for the processed dt; (0, inf) means no clamp.
-        backend: "torch" (this module), "triton" (mamba_ssm, CUDA only) or "auto": Triton
+        backend: "torch" (this module), "triton" (mamba_ssm, CUDA only), "triton_heads"
+            (mamba_ssm's kernels with the forward output pass of ``ssd_scan_heads``, all heads
+            of a chunk in one program; one group, D of shape (h,), no z) or "auto": Triton
             when x is on CUDA, not float64 (the kernels accumulate in float32) and mamba_ssm
             imports; the PyTorch path otherwise.
 
@@ -434,25 +450,26 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    want_triton = backend == "triton" or (
+    want_triton = backend in ("triton", "triton_heads") or (
         backend == "auto" and x.is_cuda and x.dtype != torch.float64
     )
     if want_triton:
         if not x.is_cuda:
             raise RuntimeError(
-                f"ssd_scan(backend='triton') needs CUDA tensors, but x is on {x.device}; "
+                f"ssd_scan(backend={backend!r}) needs CUDA tensors, but x is on {x.device}; "
                 "use backend='torch' (or 'auto') on CPU."
             )
-        fn, reason = _load_triton_scan()
+        fn, reason = _load_triton_heads_scan() if backend == "triton_heads" else _load_triton_scan()
         if fn is not None:
             if seq_idx is not None:
                 seq_idx = seq_idx.to(torch.int32).contiguous()
             return fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, seq_idx=seq_idx,
                       dt_softplus=dt_softplus, dt_limit=dt_limit)
-        if backend == "triton":
+        if backend != "auto":
             raise RuntimeError(
-                "ssd_scan(backend='triton'): mamba_ssm's Triton kernel "
-                f"(mamba_ssm.ops.triton.ssd_combined) is not available: {reason}"
+                f"ssd_scan(backend={backend!r}): the Triton kernels (mamba_ssm.ops.triton."
+                f"ssd_combined{', ssd4rec.ops.ssd_scan_heads' if backend == 'triton_heads' else ''})"
+                f" are not available: {reason}"
             )
         warnings.warn(
             f"mamba_ssm Triton SSD kernel not available ({reason}); "

@@ -210,8 +210,9 @@ def check_dataset(name: str, data_path: Optional[str] = None, extra: Optional[di
 # --------------------------------------------------------------------------------------------
 # What an implementation record says
 # --------------------------------------------------------------------------------------------
-def implementation_notes(model: str, device: str) -> dict:
-    """Which kernels a run of ``model`` used on ``device`` ("cpu ..." or a GPU name)."""
+def implementation_notes(model: str, device: str, backend: str = "auto") -> dict:
+    """Which kernels a run of ``model`` used on ``device`` ("cpu ..." or a GPU name), with the
+    config key ``backend`` (SSD4Rec, TiM4Rec)."""
     cuda = not str(device).startswith("cpu")
     notes = {}
     if model in ("SSD4Rec", "TiM4Rec", "Mamba4Rec"):
@@ -223,9 +224,15 @@ def implementation_notes(model: str, device: str) -> dict:
         else:
             notes["causal_conv1d"] = "torch"
     if model in ("SSD4Rec", "TiM4Rec"):
-        from ssd4rec.ops.ssd_scan import _load_triton_scan
+        from ssd4rec.ops.ssd_scan import _load_triton_heads_scan, _load_triton_scan
 
-        if cuda:
+        if cuda and backend == "torch":
+            notes["ssd_scan"] = "torch (ssd4rec.ops.ssd_scan, chunked; backend: torch)"
+        elif cuda and backend == "triton_heads":
+            fn, reason = _load_triton_heads_scan()
+            notes["ssd_scan"] = ("triton (mamba_ssm's kernels; forward output pass: "
+                                 "ssd4rec.ops.ssd_scan_heads)" if fn else f"unavailable ({reason})")
+        elif cuda:
             fn, reason = _load_triton_scan()
             notes["ssd_scan"] = "triton (mamba_ssm mamba_chunk_scan_combined)" if fn else f"torch ({reason})"
         else:
@@ -392,7 +399,7 @@ def run_task(task: Task, store: ResultStore, run_fn: Callable[[list], dict], *,
         "resumed_from_epoch": start_epoch if state in ("resume", "continue") else None,
         "evaluated_only": state == "evaluate",
         "device": device,
-        "implementation": implementation_notes(task.model, device),
+        "implementation": implementation_notes(task.model, device, values.get("backend") or "auto"),
         "overrides": {k: v for k, v in values.items() if k not in _RUN_KEYS},
         "argv": argv,
         "checkpoint": result.get("checkpoint"),
