@@ -15,6 +15,7 @@ from torch import nn
 from ssd4rec.config import collect_values, parse_overrides
 from ssd4rec.data.packing import cu_seqlens_from_lengths
 from ssd4rec.errors import SSD4RecError
+from ssd4rec.models import ssd4rec as ssd4rec_model
 from ssd4rec.models.ssd4rec import SSD4Rec
 from ssd4rec.modules import BiSSDEncoder
 from tests.lifelong_support import FakeDataset, make_batch, make_config
@@ -194,7 +195,10 @@ def test_benchmark_ssd_set_reaches_the_config(text, expected):
     assert values["compile_glue"] == expected and type(values["compile_glue"]) is type(expected)
 
 
-def test_config_yaml_keeps_compile_glue_off():
-    """Off until its inductor test has run on a GPU: config.yaml says so, and the model's default agrees."""
+def test_config_yaml_compiles_the_glue_on_cuda_only():
+    """auto since its inductor test passed on a GPU: config.yaml says so, and the model's default agrees."""
     values, _ = collect_values(ROOT / "config.yaml", ROOT / "datasets", {"dataset": "ml-100k"})
-    assert values["compile_glue"] is False
+    assert values["compile_glue"] == "auto"
+    assert ssd4rec_model.COMPILE_GLUE == "auto"  # the model's default for a config without the key
+    store, _ = model_batch()
+    assert SSD4Rec(model_config(), FakeDataset(store)).compile_glue is False  # CPU: eager

@@ -23,8 +23,9 @@ from ssd4rec.modules.compiled_glue import resolve_compile_glue
 from ssd4rec.modules.bissd import BiSSDEncoder
 
 MASK_TOKEN = 0
-# compile_glue when the key is absent: off until the compiled glue is measured on a GPU.
-COMPILE_GLUE = False
+# compile_glue when the key is absent, as config.yaml: on for CUDA. Its inductor code is checked
+# against eager on the GPU (tests/test_gpu.py); it takes 23% off an H100 bf16 step (README).
+COMPILE_GLUE = "auto"
 
 
 class SSD4Rec(SequentialRecommender):
