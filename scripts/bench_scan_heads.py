@@ -1,15 +1,20 @@
-"""Issue #4: the all-heads SSD output pass (``ssd4rec.ops.ssd_scan_heads``), checked and timed.
+"""Issue #4: SSD scan passes with all heads of a chunk in one program, checked and timed.
 
-The kernel computes mamba_ssm 2.3.2's ``_chunk_scan_fwd`` output (no z, one group, D per head)
-with every head of a chunk in one program, so each chunk's (Q, Q) C·Bᵀ block is loaded once
-instead of once per head; its docstring has the formula. This script
+- ``fwd``: the output pass of ``ssd4rec.ops.ssd_scan_heads`` (``backend: triton_heads``), which
+  computes mamba_ssm 2.3.2's ``_chunk_scan_fwd`` output (no z, one group, D per head); its
+  docstring has the formula.
+- ``dx``: a prototype, in this file, of the backward's dx pass, mamba_ssm's
+  ``_chunk_scan_chunk_state_bwd_dx`` (dx, ddt, dD), the largest kernel of a training step.
+  Not used by the model until it is timed here on a GPU.
 
-- checks it against a float64 loop of that formula on small shapes (``--check``; on a CPU
+Both load each chunk's (Q, Q) C·Bᵀ block once instead of once per head. This script
+
+- checks each against a float64 loop of its formula on small shapes (``--check``; on a CPU
   under Triton's interpreter, which cannot run mamba_ssm's own kernels), and
-- on a GPU, compares it with ``_chunk_scan_fwd`` at the ML-1M step's shape (bf16, 245,760
+- on a GPU, compares each with mamba_ssm's kernel at the ML-1M step's shape (bf16, 245,760
   tokens, mean history 120) and times both in alternating rounds in one process.
 
-    TRITON_INTERPRET=1 python scripts/bench_scan_heads.py --check    # CPU: against a torch loop
+    TRITON_INTERPRET=1 python scripts/bench_scan_heads.py --check    # CPU: against the loops
     PYTHONPATH=. python3 scripts/bench_scan_heads.py                 # GPU: against mamba_ssm, timed
 
 The inputs of ``random_inputs`` (float32 unless asked):
@@ -31,6 +36,7 @@ from bench_scan import packed_seq_idx  # noqa: E402  (scripts/, this file's fold
 
 try:
     import triton
+    import triton.language as tl
     from ssd4rec.ops.ssd_scan_heads import scan_out_all_heads
 except ImportError as err:  # the CPU install has no triton
     if __name__ == "__main__":
@@ -71,6 +77,7 @@ def random_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
     Bc, Cc, sc = (t.view(batch, nchunks, q, *t.shape[2:]) for t in (B, C, padded))
     cb = torch.einsum("bctn,bcsn->bcts", Cc, Bc) * (sc[..., :, None] == sc[..., None, :])
     dt = torch.rand(batch, nheads, nchunks, q, generator=gen) * 0.2
+    dt.view(batch, nheads, nchunks * q)[..., seqlen:] = 0.0  # past the row's end, as _chunk_cumsum_fwd leaves it
     A = -torch.exp(torch.rand(nheads, generator=gen) * 2.0)
     dA = torch.cumsum(dt * A[None, :, None, None], dim=-1)
     x = torch.randn(batch, seqlen, nheads, p, generator=gen)
@@ -80,6 +87,157 @@ def random_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
     return (cb[:, :, None].contiguous().to(**to), x.to(dtype=dtype, **to), dt.to(**to), dA.to(**to),
             C[:, :seqlen, None].to(dtype=dtype, **to), states.to(dtype=dtype, **to), D.to(**to),
             seq_idx.to(torch.int32).to(**to))
+
+
+# --------------------------------------------------------------------------------------------
+# Prototype: the backward's dx pass with all heads of a chunk in one program
+# --------------------------------------------------------------------------------------------
+# mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` (the largest kernel of an SSD4Rec training
+# step) also runs one program per (chunk, head) and reloads the chunk's C·Bᵀ for every head.
+# For token s of chunk c and head h, with t over the chunk's tokens at or after s:
+#
+#     g[s, h]  = sum_{t >= s} CB[t, s] exp(min(dA[h, t] - dA[h, s], 0)) dout[t, h]
+#                + [seq(s) == seq(last token of c)] exp(min(dA[h, last] - dA[h, s], 0)) B[s] . dstates[c, h]
+#     dx[s, h] = g[s, h] dt[h, s] + D[h] dout[s, h]
+#     ddt[h, s] = sum_p g[s, h, p] x[s, h, p]            dD[h] = sum_{s, p} dout[s, h, p] x[s, h, p]
+#
+#     CB: (b, nchunks, 1, Q, Q) float32; x, dout: (b, l, H, P); dt, dA: (b, H, nchunks, Q) float32
+#     B: (b, l, 1, N); dstates: (b, nchunks, H, P, N); D: (H,); seq: (b, l) int32
+# Not used by the model: timed against mamba_ssm's kernel on a GPU first (main, --passes dx).
+_DX_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_INTERPRET") == "1" else
+               [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+                for m in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)])
+
+
+@triton.autotune(configs=_DX_CONFIGS, key=["NHEADS", "Q", "P", "N"])
+@triton.jit
+def _dx_all_heads_kernel(
+    cb_ptr, x_ptr, dout_ptr, dt_ptr, dA_ptr, B_ptr, dst_ptr, D_ptr, seq_ptr,
+    dx_ptr, ddt_ptr, dD_ptr,
+    seqlen,
+    s_cb_b, s_cb_c, s_cb_m, s_cb_k,
+    s_x_b, s_x_l, s_x_h, s_x_p,
+    s_dt_b, s_dt_h, s_dt_c, s_dt_q,
+    s_B_b, s_B_l, s_B_n,
+    s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
+    s_seq_b, s_seq_l,
+    s_dD_b, s_dD_c, s_dD_m,
+    HAS_D: tl.constexpr,
+    NHEADS: tl.constexpr, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One program: BLOCK_M tokens s of one chunk of one batch row, every head. x, dout and dx
+    share x's strides; ddt shares dt's."""
+    pid_m, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = pid_c * Q
+    limit = tl.minimum(Q, seqlen - start)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # the tokens s
+    offs_k = tl.arange(0, Q)                            # the tokens t
+    offs_p = tl.arange(0, P)
+    offs_n = tl.arange(0, N)
+    m_ok, k_ok = offs_m < limit, offs_k < limit
+
+    # Shared by every head: C·Bᵀ transposed (rows s, columns t >= s), B rows, sequence ids.
+    cbT = tl.load(cb_ptr + pid_b * s_cb_b + pid_c * s_cb_c + offs_k[None, :] * s_cb_m + offs_m[:, None] * s_cb_k,
+                  mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    cbT = tl.where(offs_k[None, :] >= offs_m[:, None], cbT, 0.0)
+    b_rows = tl.load(B_ptr + pid_b * s_B_b + (start + offs_m)[:, None] * s_B_l + offs_n[None, :] * s_B_n,
+                     mask=m_ok[:, None], other=0.0)
+    seq_m = tl.load(seq_ptr + pid_b * s_seq_b + (start + offs_m) * s_seq_l, mask=m_ok, other=-1)
+    seq_last = tl.load(seq_ptr + pid_b * s_seq_b + (start + limit - 1) * s_seq_l)
+    reaches_end = seq_m == seq_last  # token s's sequence is the one whose state leaves the chunk
+
+    dt_base = dt_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    dA_base = dA_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    for h in range(0, NHEADS):
+        dA_m = tl.load(dA_base + h * s_dt_h + offs_m * s_dt_q, mask=m_ok, other=0.0)
+        dA_k = tl.load(dA_base + h * s_dt_h + offs_k * s_dt_q, mask=k_ok, other=0.0)
+        dA_last = tl.load(dA_base + h * s_dt_h + (limit - 1) * s_dt_q)
+        dt_m = tl.load(dt_base + h * s_dt_h + offs_m * s_dt_q, mask=m_ok, other=0.0)
+        head = pid_b * s_x_b + h * s_x_h
+        dout_k = tl.load(dout_ptr + head + (start + offs_k)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                         mask=k_ok[:, None], other=0.0)
+        # min(., 0): below the diagonal the difference is positive and masked anyway (see the forward)
+        weights = cbT * tl.exp(tl.minimum(dA_k[None, :] - dA_m[:, None], 0.0))
+        acc = tl.dot(weights.to(dout_k.dtype), dout_k)                              # (BLOCK_M, P)
+        dstate = tl.load(dst_ptr + pid_b * s_st_b + pid_c * s_st_c + h * s_st_h
+                         + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p)   # (N, P)
+        scale = tl.where(reaches_end, tl.exp(tl.minimum(dA_last - dA_m, 0.0)), 0.0)
+        acc += tl.dot(b_rows, dstate.to(b_rows.dtype)) * scale[:, None]
+        x_m = tl.load(x_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                      mask=m_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(ddt_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q,
+                 tl.sum(acc * x_m, axis=1), mask=m_ok)
+        dx = acc * dt_m[:, None]
+        if HAS_D:
+            dout_m = tl.load(dout_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                             mask=m_ok[:, None], other=0.0).to(tl.float32)
+            dx += dout_m * tl.load(D_ptr + h).to(tl.float32)
+            # one partial sum per (program, head): the host adds them, no atomics
+            tl.store(dD_ptr + pid_b * s_dD_b + pid_c * s_dD_c + pid_m * s_dD_m + h, tl.sum(tl.sum(dout_m * x_m, axis=1)))
+        tl.store(dx_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                 dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+def dx_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
+    """The dx pass (formula above) -> dx: (b, l, H, P) in x's dtype, ddt: (b, H, nchunks, Q)
+    float32, dD: (H,) float32 or None. Shapes as above; one group only."""
+    batch, seqlen, nheads, p = x.shape
+    _, nchunks, groups, q, _ = cb.shape
+    n = B.shape[-1]
+    assert groups == 1 and B.shape[2] == 1, "one group (SSD4Rec's setting) only"
+    assert dt.stride() == dA.stride() and dout.stride() == x.stride()
+    dx = torch.empty_like(x)
+    ddt = torch.zeros_like(dt)
+    # per (b, chunk, row block, head); sized for the narrowest row block any config uses
+    dD_part = torch.zeros(batch, nchunks, triton.cdiv(q, 16), nheads, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(q, meta["BLOCK_M"]), nchunks, batch)  # noqa: E731
+    _dx_all_heads_kernel[grid](
+        cb, x, dout, dt, dA, B, dstates, D if D is not None else x, seq_idx, dx, ddt, dD_part, seqlen,
+        cb.stride(0), cb.stride(1), cb.stride(3), cb.stride(4),
+        *x.stride(), *dt.stride(),
+        B.stride(0), B.stride(1), B.stride(3),
+        *dstates.stride(), *seq_idx.stride(),
+        dD_part.stride(0), dD_part.stride(1), dD_part.stride(2),
+        HAS_D=D is not None, NHEADS=nheads, Q=q, P=p, N=n)
+    return dx, ddt, (dD_part.sum(dim=(0, 1, 2)) if D is not None else None)
+
+
+def reference_dx(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
+    """The dx pass's formula as a loop over chunks, in float64 -> (dx, ddt, dD)."""
+    batch, seqlen, nheads, p = x.shape
+    q = cb.shape[-1]
+    g = torch.zeros(batch, seqlen, nheads, p, dtype=torch.float64)
+    x64, dout64, B64 = x.double(), dout.double(), B[:, :, 0].double()
+    dt64 = torch.zeros(batch, seqlen, nheads, dtype=torch.float64)
+    for c in range(cb.shape[1]):
+        lo, hi = c * q, min(seqlen, (c + 1) * q)
+        w = hi - lo
+        block = torch.triu(cb[:, c, 0, :w, :w].double().transpose(1, 2))          # (b, s, t), t >= s
+        a = dA[:, :, c, :w].double()                                             # (b, h, s)
+        decay = torch.exp(torch.clamp(a[..., None, :] - a[..., :, None], max=0.0))  # (b, h, s, t)
+        g[:, lo:hi] = torch.einsum("bhst,bthp->bshp", block[:, None] * decay, dout64[:, lo:hi])
+        reaches = (seq_idx[:, lo:hi] == seq_idx[:, hi - 1:hi]).double()          # (b, s)
+        to_end = torch.exp(torch.clamp(a[..., -1:] - a, max=0.0)).transpose(1, 2)  # (b, s, h)
+        inter = torch.einsum("bsn,bhpn->bshp", B64[:, lo:hi], dstates[:, c].double())
+        g[:, lo:hi] += inter * (to_end * reaches[..., None])[..., None]
+        dt64[:, lo:hi] = dt[:, :, c, :w].double().transpose(1, 2)
+    dx = g * dt64[..., None]
+    ddt_tokens = (g * x64).sum(-1)                                               # (b, l, h)
+    ddt = torch.zeros(dt.shape, dtype=torch.float64)
+    for c in range(cb.shape[1]):
+        lo, hi = c * q, min(seqlen, (c + 1) * q)
+        ddt[:, :, c, :hi - lo] = ddt_tokens[:, lo:hi].transpose(1, 2)
+    if D is None:
+        return dx, ddt, None
+    return dx + dout64 * D.double()[:, None], ddt, (dout64 * x64).sum(dim=(0, 1, 3))
+
+
+def random_dx_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
+    """random_inputs' tensors in the dx pass's roles (C's random tensor serves as B, the states
+    as dstates: the formula is linear in each), plus a random dout."""
+    cb, x, dt, dA, B, dstates, D, seq_idx = random_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen)
+    dout = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+    return cb, x, dout, dt, dA, B, dstates, D, seq_idx
 
 
 # float32 in the interpreter; on a GPU, Triton's float32 dots run in TF32 (10-bit mantissa)
@@ -104,21 +262,56 @@ def check(device="cpu", dtype=torch.float32, seed=0):
     return worst
 
 
+def check_dx(device="cpu", dtype=torch.float32, seed=0):
+    """The dx prototype against its float64 loop (dx, ddt and dD); returns the worst error."""
+    worst = 0.0
+    for (batch, seqlen, nheads, p, n, q) in ((2, 100, 3, 16, 16, 32), (1, 64, 2, 16, 32, 64), (1, 37, 1, 16, 16, 16)):
+        inputs = random_dx_inputs(batch, seqlen, nheads, p, n, q, 9, device, dtype, torch.Generator().manual_seed(seed))
+        if seqlen == 37:  # one shape without the D term
+            inputs = (*inputs[:7], None, inputs[8])
+        ours = dx_all_heads(*inputs)
+        ref = reference_dx(*(None if t is None else t.cpu() for t in inputs))
+        for a, r in zip(ours, ref):
+            if r is not None:
+                assert torch.isfinite(a).all()
+                worst = max(worst, rel_err(a, r))
+    return worst
+
+
+def compare(name, theirs, ours, repeats):
+    """Relative differences of each output, then both timed in alternating rounds (median ms)."""
+    out_theirs, out_ours = theirs(), ours()
+    out_theirs = out_theirs if isinstance(out_theirs, tuple) else (out_theirs,)
+    out_ours = out_ours if isinstance(out_ours, tuple) else (out_ours,)
+    errs = [rel_err(a, b) for a, b in zip(out_ours, out_theirs) if b is not None]
+    times = {"mamba_ssm": [], "all heads": []}
+    for _ in range(3):
+        for who, fn in (("mamba_ssm", theirs), ("all heads", ours)):
+            times[who].append(triton.testing.do_bench(fn, warmup=25, rep=repeats * 5, return_mode="median"))
+    t_theirs, t_ours = (statistics.median(times[k]) for k in ("mamba_ssm", "all heads"))
+    print(f"{name}: mamba_ssm {t_theirs:.3f} ms, all heads {t_ours:.3f} ms ({t_ours / t_theirs:.2f}x), "
+          f"relative difference {' / '.join(f'{e:.2e}' for e in errs)} (bf16)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="only check the kernel against the loop (CPU: TRITON_INTERPRET=1)")
+    ap.add_argument("--check", action="store_true", help="only check the kernels against the loops (CPU: TRITON_INTERPRET=1)")
+    ap.add_argument("--passes", nargs="+", default=["fwd", "dx"], choices=["fwd", "dx"],
+                    help="fwd: the output pass (ssd4rec.ops.ssd_scan_heads); dx: the backward's dx prototype")
     ap.add_argument("--tokens", type=int, default=245_760)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, nargs="+", default=[128, 256], dest="chunk_sizes")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
+    checks = {"fwd": check, "dx": check_dx}
     if args.check or not torch.cuda.is_available():
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("no GPU: run the check with TRITON_INTERPRET=1")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        err = check(device)
-        print(f"kernel vs float64 loop: worst relative error {err:.2e}")
-        sys.exit(0 if err < TOLERANCE[device] else 1)
+        errs = {p: checks[p](device) for p in args.passes}
+        for p, err in errs.items():
+            print(f"{p} kernel vs float64 loop: worst relative error {err:.2e}")
+        sys.exit(0 if max(errs.values()) < TOLERANCE[device] else 1)
 
     from ssd4rec.ops.ssd_scan import _load_triton_scan
 
@@ -126,23 +319,23 @@ def main():
     if error:
         sys.exit(f"mamba_ssm's Triton scan is not importable: {error}")
     from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
+    from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
 
-    print(f"check (fp32, tf32 dots): worst relative error {check('cuda'):.2e}")
+    for p in args.passes:
+        print(f"{p} check (fp32, tf32 dots): worst relative error {checks[p]('cuda'):.2e}", flush=True)
     gen = torch.Generator().manual_seed(1)
     length = args.tokens // args.rows
     for q in args.chunk_sizes:
-        inputs = random_inputs(args.rows, length, 32, 16, 64, q, 120, "cuda", torch.bfloat16, gen)
-        cb, x, dt, dA, C, states, D, seq_idx = inputs
-        theirs = lambda: _chunk_scan_fwd(cb, x, dt, dA, C, states, D=D, seq_idx=seq_idx)[0]  # noqa: E731
-        ours = lambda: scan_out_all_heads(*inputs)  # noqa: E731
-        err = rel_err(ours(), theirs())
-        times = {"mamba_ssm": [], "all heads": []}
-        for _ in range(3):  # alternate, median of each
-            for name, fn in (("mamba_ssm", theirs), ("all heads", ours)):
-                times[name].append(triton.testing.do_bench(fn, warmup=25, rep=args.repeats * 5, return_mode="median"))
-        t_theirs, t_ours = (statistics.median(times[k]) for k in ("mamba_ssm", "all heads"))
-        print(f"chunk {q}: mamba_ssm _chunk_scan_fwd {t_theirs:.3f} ms, all heads {t_ours:.3f} ms "
-              f"({t_ours / t_theirs:.2f}x), relative difference {err:.2e} (bf16)")
+        inputs = random_dx_inputs(args.rows, length, 32, 16, 64, q, 120, "cuda", torch.bfloat16, gen)
+        cb, x, dout, dt, dA, BC, states, D, seq_idx = inputs
+        if "fwd" in args.passes:  # BC as C, states as the states entering each chunk
+            compare(f"chunk {q}, output pass (_chunk_scan_fwd)",
+                    lambda: _chunk_scan_fwd(cb, x, dt, dA, BC, states, D=D, seq_idx=seq_idx)[0],
+                    lambda: scan_out_all_heads(cb, x, dt, dA, BC, states, D, seq_idx), args.repeats)
+        if "dx" in args.passes:  # BC as B, states as dstates; outputs dx, ddt, dD
+            compare(f"chunk {q}, dx pass (_chunk_scan_chunk_state_bwd_dx)",
+                    lambda: _chunk_scan_chunk_state_bwd_dx(x, dt, dA, BC, cb, dout, states, D=D, seq_idx=seq_idx),
+                    lambda: dx_all_heads(*inputs), args.repeats)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,34 @@
-"""The all-heads SSD output kernel (``ssd4rec.ops.ssd_scan_heads``) against the float64 loop of
-its formula in scripts/bench_scan_heads.py: on the GPU where there is one, else under Triton's
-CPU interpreter. Needs triton, which the CPU install does not bring: skipped there. The whole
-scan with this kernel (``ssd_scan(backend="triton_heads")``, values and gradients) is checked
-against the PyTorch scan in tests/test_gpu.py."""
+"""The all-heads SSD output kernel (``ssd4rec.ops.ssd_scan_heads``), and the prototype of the
+backward's dx pass in scripts/bench_scan_heads.py, against the float64 loops of their formulas
+in that script: on the GPU where there is one, else under Triton's CPU interpreter. Needs
+triton, which the CPU install does not bring: skipped there. The whole scan with the output
+kernel (``ssd_scan(backend="triton_heads")``, values and gradients) is checked against the
+PyTorch scan in tests/test_gpu.py."""
 
-import importlib
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.script_support import load_script
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_all_heads_kernel_matches_the_loop(monkeypatch):
-    pytest.importorskip("triton", reason="triton is not installed (CPU install): the kernel needs it")
-    if not torch.cuda.is_available():
-        # read when the kernel is decorated: (re)import the module under the interpreter
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        sys.modules.pop("ssd4rec.ops.ssd_scan_heads", None)
-        importlib.import_module("ssd4rec.ops.ssd_scan_heads")
-    module = load_script("bench_scan_heads")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert module.check(device) < module.TOLERANCE[device]
+
+@pytest.mark.parametrize("kernel", ["fwd", "dx"], ids=["output_pass", "dx_prototype"])
+def test_all_heads_kernel_matches_the_loop(kernel):
+    pytest.importorskip("triton", reason="triton is not installed (CPU install): the kernels need it")
+    if torch.cuda.is_available():
+        module = load_script("bench_scan_heads")
+        assert {"fwd": module.check, "dx": module.check_dx}[kernel]("cuda") < module.TOLERANCE["cuda"]
+        return
+    # The interpreter must be on before triton is first imported (triton.language's own jit
+    # functions, tl.sum among them, are built then): a fresh process.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_scan_heads.py"), "--check",
+                          "--passes", kernel], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"{kernel} kernel vs float64 loop" in run.stdout
