@@ -37,7 +37,7 @@ from bench_scan import packed_seq_idx  # noqa: E402  (scripts/, this file's fold
 try:
     import triton
     import triton.language as tl
-    from ssd4rec.ops.ssd_scan_heads import scan_out_all_heads
+    from ssd4rec.ops.ssd_scan_heads import AUTOTUNE_CONFIGS, scan_out_all_heads
 except ImportError as err:  # the CPU install has no triton
     if __name__ == "__main__":
         sys.exit(f"bench_scan_heads.py needs triton ({err}); on a CPU: pip install triton, then "
@@ -104,12 +104,7 @@ def random_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
 #     CB: (b, nchunks, 1, Q, Q) float32; x, dout: (b, l, H, P); dt, dA: (b, H, nchunks, Q) float32
 #     B: (b, l, 1, N); dstates: (b, nchunks, H, P, N); D: (H,); seq: (b, l) int32
 # Not used by the model: timed against mamba_ssm's kernel on a GPU first (main, --passes dx).
-_DX_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_INTERPRET") == "1" else
-               [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-                for m in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)])
-
-
-@triton.autotune(configs=_DX_CONFIGS, key=["NHEADS", "Q", "P", "N"])
+@triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"])
 @triton.jit
 def _dx_all_heads_kernel(
     cb_ptr, x_ptr, dout_ptr, dt_ptr, dA_ptr, B_ptr, dst_ptr, D_ptr, seq_ptr,

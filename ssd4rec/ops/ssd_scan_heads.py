@@ -35,12 +35,13 @@ import triton
 import triton.language as tl
 
 # One config under Triton's CPU interpreter (tests): its autotuner would need a GPU to time.
-_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_INTERPRET") == "1" else
+# Also used by the dx-pass prototype in scripts/bench_scan_heads.py.
+AUTOTUNE_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_INTERPRET") == "1" else
             [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
              for m in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)])
 
 
-@triton.autotune(configs=_CONFIGS, key=["NHEADS", "Q", "P", "N"])
+@triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"])
 @triton.jit
 def _scan_out_all_heads_kernel(
     cb_ptr, x_ptr, dt_ptr, dA_ptr, C_ptr, st_ptr, D_ptr, seq_ptr, out_ptr,
