@@ -471,3 +471,18 @@ def test_the_runs_table_names_the_kernels_of_each_session_that_used_others(tmp_p
             "(epochs 1–5: causal_conv1d: cuda; ssd_scan: triton) |") in mixed
     plain = next(line for line in runs if "| 2025 |" in line)
     assert "| causal_conv1d: cuda; ssd_scan: triton |" in plain
+
+
+def test_the_record_names_the_scan_the_backend_chose(monkeypatch):
+    """implementation_notes follows the config key backend: the PyTorch scan on a GPU when asked,
+    and the all-heads output pass for triton_heads, or why it could not load."""
+    ssd_mod = importlib.import_module("ssd4rec.ops.ssd_scan")  # the module (the package exports the function)
+    gpu = "NVIDIA H100 80GB HBM3"
+    assert plan.implementation_notes("SSD4Rec", "cpu (2 threads)", "triton_heads")["ssd_scan"].startswith("torch")
+    assert plan.implementation_notes("SSD4Rec", gpu, "torch")["ssd_scan"].startswith("torch (")
+    monkeypatch.setattr(ssd_mod, "_load_triton_heads_scan", lambda: (None, "ImportError: no triton"))
+    assert plan.implementation_notes("SSD4Rec", gpu, "triton_heads")["ssd_scan"] == "unavailable (ImportError: no triton)"
+    monkeypatch.setattr(ssd_mod, "_load_triton_heads_scan", lambda: (object(), None))
+    assert "ssd4rec.ops.ssd_scan_heads" in plan.implementation_notes("TiM4Rec", gpu, "triton_heads")["ssd_scan"]
+    monkeypatch.setattr(ssd_mod, "_load_triton_scan", lambda: (object(), None))
+    assert plan.implementation_notes("SSD4Rec", gpu)["ssd_scan"] == "triton (mamba_ssm mamba_chunk_scan_combined)"
