@@ -5,9 +5,11 @@
   docstring has the formula.
 - ``dx``: a prototype, in this file, of the backward's dx pass, mamba_ssm's
   ``_chunk_scan_chunk_state_bwd_dx`` (dx, ddt, dD), the largest kernel of a training step.
-  Not used by the model until it is timed here on a GPU.
+- ``ddacs``: a prototype of the backward's ddA pass, mamba_ssm's
+  ``_chunk_scan_bwd_ddAcs_stable``. The two prototypes are not used by the model until they
+  are timed here on a GPU.
 
-Both load each chunk's (Q, Q) C·Bᵀ block once instead of once per head. This script
+Each loads a chunk's (Q, Q) C·Bᵀ block once instead of once per head. This script
 
 - checks each against a float64 loop of its formula on small shapes (``--check``; on a CPU
   under Triton's interpreter, which cannot run mamba_ssm's own kernels), and
@@ -235,6 +237,95 @@ def random_dx_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, ge
     return cb, x, dout, dt, dA, B, dstates, D, seq_idx
 
 
+# --------------------------------------------------------------------------------------------
+# Prototype: the backward's ddA pass (mamba_ssm's _chunk_scan_bwd_ddAcs_stable), all heads
+# --------------------------------------------------------------------------------------------
+# The other per-head reader of C·Bᵀ in the backward (dcb, dC and dB already loop over the heads
+# inside one program). The gradient of the chunk's cumulative dA through the decays of the
+# output pass: with M[t, s] = (dout[t, h] . x[s, h]) CB[t, s] dt[h, s] exp(dA[h, t] - dA[h, s]),
+#
+#     ddA[h, j] = sum_{t >= j} sum_{s < j} M[t, s]        (j >= 1; ddA[h, 0] = 0)
+#
+# since exp(dA[t] - dA[s]) depends on the increments of dA at s+1 .. t.
+#     x, dout: (b, l, H, P); dt, dA: (b, H, nchunks, Q) float32; CB: (b, nchunks, 1, Q, Q) -> ddA like dt
+@triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P"])
+@triton.jit
+def _ddacs_all_heads_kernel(
+    cb_ptr, x_ptr, dout_ptr, dt_ptr, dA_ptr, part_ptr,
+    seqlen,
+    s_cb_b, s_cb_c, s_cb_m, s_cb_k,
+    s_x_b, s_x_l, s_x_h, s_x_p,
+    s_dt_b, s_dt_h, s_dt_c, s_dt_q,
+    s_pt_b, s_pt_h, s_pt_c, s_pt_m,
+    NHEADS: tl.constexpr, Q: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One program: BLOCK_M rows t of one chunk of one batch row, all columns s, every head;
+    writes its rows' part of ddA (the host adds the parts). x and dout share strides."""
+    pid_m, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = pid_c * Q
+    limit = tl.minimum(Q, seqlen - start)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # the rows t
+    offs_k = tl.arange(0, Q)                            # the columns s
+    offs_p = tl.arange(0, P)
+    m_ok, k_ok = offs_m < limit, offs_k < limit
+
+    cb = tl.load(cb_ptr + pid_b * s_cb_b + pid_c * s_cb_c + offs_m[:, None] * s_cb_m + offs_k[None, :] * s_cb_k,
+                 mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    strictly_below = offs_m[:, None] > offs_k[None, :]  # s < t
+    dt_base = dt_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    dA_base = dA_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    for h in range(0, NHEADS):
+        head = pid_b * s_x_b + h * s_x_h
+        dout_m = tl.load(dout_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                         mask=m_ok[:, None], other=0.0)
+        xT = tl.load(x_ptr + head + (start + offs_k)[None, :] * s_x_l + offs_p[:, None] * s_x_p,
+                     mask=k_ok[None, :], other=0.0)                                   # (P, Q)
+        dA_m = tl.load(dA_base + h * s_dt_h + offs_m * s_dt_q, mask=m_ok, other=0.0)
+        dA_k = tl.load(dA_base + h * s_dt_h + offs_k * s_dt_q, mask=k_ok, other=0.0)
+        dt_k = tl.load(dt_base + h * s_dt_h + offs_k * s_dt_q, mask=k_ok, other=0.0)
+        pair = tl.dot(dout_m, xT) * cb * dt_k[None, :] * tl.exp(tl.minimum(dA_m[:, None] - dA_k[None, :], 0.0))
+        pair = tl.where(strictly_below, pair, 0.0)
+        # column j-1 of the running sum over s, kept where t >= j: sum_{s < j} M[t, s]
+        upto = tl.where(strictly_below, tl.cumsum(pair, axis=1), 0.0)
+        ddA_shifted = tl.sum(upto, axis=0)                   # index s holds ddA[s + 1]
+        part = part_ptr + pid_b * s_pt_b + h * s_pt_h + pid_c * s_pt_c + pid_m * s_pt_m
+        tl.store(part + 1 + offs_k, ddA_shifted, mask=offs_k < Q - 1)
+
+
+def ddacs_all_heads(cb, x, dout, dt, dA):
+    """The ddA pass (formula above) -> ddA: (b, H, nchunks, Q) float32."""
+    batch, seqlen, nheads, p = x.shape
+    _, nchunks, groups, q, _ = cb.shape
+    assert groups == 1, "one group (SSD4Rec's setting) only"
+    assert dt.stride() == dA.stride() and dout.stride() == x.stride()
+    # per (b, head, chunk, row block); sized for the narrowest row block any config uses
+    parts = torch.zeros(batch, nheads, nchunks, triton.cdiv(q, 16), q, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(q, meta["BLOCK_M"]), nchunks, batch)  # noqa: E731
+    _ddacs_all_heads_kernel[grid](
+        cb, x, dout, dt, dA, parts, seqlen,
+        cb.stride(0), cb.stride(1), cb.stride(3), cb.stride(4),
+        *x.stride(), *dt.stride(), *parts.stride()[:4],
+        NHEADS=nheads, Q=q, P=p)
+    return parts.sum(dim=3)
+
+
+def reference_ddacs(cb, x, dout, dt, dA):
+    """The ddA pass's formula as a loop over chunks, in float64."""
+    batch, seqlen, nheads, p = x.shape
+    q = cb.shape[-1]
+    ddA = torch.zeros(dt.shape, dtype=torch.float64)
+    for c in range(cb.shape[1]):
+        lo, hi = c * q, min(seqlen, (c + 1) * q)
+        w = hi - lo
+        a = dA[:, :, c, :w].double()
+        dots = torch.einsum("bthp,bshp->bhts", dout[:, lo:hi].double(), x[:, lo:hi].double())
+        pair = dots * cb[:, c, 0, None, :w, :w].double() * dt[:, :, c, None, :w].double()
+        pair = torch.tril(pair * torch.exp(torch.clamp(a[..., :, None] - a[..., None, :], max=0.0)), diagonal=-1)
+        for j in range(1, w):
+            ddA[:, :, c, j] = pair[..., j:, :j].sum(dim=(-1, -2))
+    return ddA
+
+
 # float32 in the interpreter; on a GPU, Triton's float32 dots run in TF32 (10-bit mantissa)
 TOLERANCE = {"cpu": 1e-5, "cuda": 5e-3}
 
@@ -288,17 +379,29 @@ def compare(name, theirs, ours, repeats):
           f"relative difference {' / '.join(f'{e:.2e}' for e in errs)} (bf16)", flush=True)
 
 
+def check_ddacs(device="cpu", dtype=torch.float32, seed=0):
+    """The ddA prototype against its float64 loop; returns the worst error."""
+    worst = 0.0
+    for (batch, seqlen, nheads, p, n, q) in ((2, 100, 3, 16, 16, 32), (1, 64, 2, 16, 32, 64), (1, 37, 1, 16, 16, 16)):
+        cb, x, dout, dt, dA, *_ = random_dx_inputs(batch, seqlen, nheads, p, n, q, 9, device, dtype,
+                                                  torch.Generator().manual_seed(seed))
+        ours = ddacs_all_heads(cb, x, dout, dt, dA)
+        assert torch.isfinite(ours).all()
+        worst = max(worst, rel_err(ours, reference_ddacs(*(t.cpu() for t in (cb, x, dout, dt, dA)))))
+    return worst
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only check the kernels against the loops (CPU: TRITON_INTERPRET=1)")
-    ap.add_argument("--passes", nargs="+", default=["fwd", "dx"], choices=["fwd", "dx"],
-                    help="fwd: the output pass (ssd4rec.ops.ssd_scan_heads); dx: the backward's dx prototype")
+    ap.add_argument("--passes", nargs="+", default=["fwd", "dx", "ddacs"], choices=["fwd", "dx", "ddacs"],
+                    help="fwd: the output pass (ssd4rec.ops.ssd_scan_heads); dx, ddacs: the backward's prototypes")
     ap.add_argument("--tokens", type=int, default=245_760)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, nargs="+", default=[128, 256], dest="chunk_sizes")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    checks = {"fwd": check, "dx": check_dx}
+    checks = {"fwd": check, "dx": check_dx, "ddacs": check_ddacs}
     if args.check or not torch.cuda.is_available():
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("no GPU: run the check with TRITON_INTERPRET=1")
@@ -313,7 +416,7 @@ def main():
     _, error = _load_triton_scan()  # mamba_ssm's import quirk handled there
     if error:
         sys.exit(f"mamba_ssm's Triton scan is not importable: {error}")
-    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_ddAcs_stable, _chunk_scan_fwd
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
 
     for p in args.passes:
@@ -331,6 +434,10 @@ def main():
             compare(f"chunk {q}, dx pass (_chunk_scan_chunk_state_bwd_dx)",
                     lambda: _chunk_scan_chunk_state_bwd_dx(x, dt, dA, BC, cb, dout, states, D=D, seq_idx=seq_idx),
                     lambda: dx_all_heads(*inputs), args.repeats)
+        if "ddacs" in args.passes:
+            compare(f"chunk {q}, ddA pass (_chunk_scan_bwd_ddAcs_stable)",
+                    lambda: _chunk_scan_bwd_ddAcs_stable(x, dt, dA, dout, cb),
+                    lambda: ddacs_all_heads(cb, x, dout, dt, dA), args.repeats)
 
 
 if __name__ == "__main__":
