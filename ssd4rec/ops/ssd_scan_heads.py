@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 # One config under Triton's CPU interpreter (tests): its autotuner would need a GPU to time.
-# Also used by the dx-pass prototype in scripts/bench_scan_heads.py.
+# Also used by the backward prototypes in scripts/bench_scan_heads.py.
 AUTOTUNE_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_INTERPRET") == "1" else
-            [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-             for m in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)])
+                    [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+                     for m in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)])
 
 
 @triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"])
@@ -143,11 +143,11 @@ def _forward(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_li
     pass replaced by ``scan_out_all_heads``. Returns y: (b, l, h, p)."""
     _mamba_ops = _mamba()
     dA_cumsum, dt_proc = _mamba_ops._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias,
-                                                  dt_softplus=dt_softplus, dt_limit=dt_limit)
+                                                      dt_softplus=dt_softplus, dt_limit=dt_limit)
     states = _mamba_ops._chunk_state_fwd(B, x, dt_proc, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
     b, c, h, p, n = states.shape
     states, _ = _mamba_ops._state_passing_fwd(states.reshape(b, c, h, p * n), dA_cumsum[:, :, :, -1],
-                                          seq_idx=seq_idx, chunk_size=chunk_size, out_dtype=C.dtype)
+                                              seq_idx=seq_idx, chunk_size=chunk_size, out_dtype=C.dtype)
     CB = _mamba_ops._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
     return scan_out_all_heads(CB, x, dt_proc, dA_cumsum, C, states.reshape(b, c, h, p, n), D, seq_idx)
 
