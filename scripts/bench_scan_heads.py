@@ -8,6 +8,9 @@
 - ``ddacs``: a prototype of the backward's ddA pass, mamba_ssm's
   ``_chunk_scan_bwd_ddAcs_stable``. The two prototypes are not used by the model until they
   are timed here on a GPU.
+- ``backward`` (GPU only): the whole scan backward with both prototypes in place of
+  mamba_ssm's kernels (``scan_backward``), against the same steps with mamba_ssm's kernels,
+  which are first checked against mamba_ssm's own ``_mamba_chunk_scan_combined_bwd``.
 
 Each loads a chunk's (Q, Q) C·Bᵀ block once instead of once per head. This script
 
@@ -379,6 +382,49 @@ def compare(name, theirs, ours, repeats):
           f"relative difference {' / '.join(f'{e:.2e}' for e in errs)} (bf16)", flush=True)
 
 
+# --------------------------------------------------------------------------------------------
+# The whole scan backward with the prototypes in place of mamba_ssm's per-head kernels (GPU)
+# --------------------------------------------------------------------------------------------
+def scan_backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, all_heads=True):
+    """Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias) of the SSD scan without z, one group and no
+    initial state: the steps of mamba_ssm 2.3.2's ``_mamba_chunk_scan_combined_bwd`` (recompute
+    the forward's cumsum, C·Bᵀ and states; dstates through the state passing; then each input's
+    gradient), with ``dx_all_heads`` and ``ddacs_all_heads`` for its two per-head C·Bᵀ kernels
+    when ``all_heads``. For timing the prototypes end to end; dt_softplus on, no dt limit.
+    dy, x: (b, l, H, P); dt: (b, l, H); A, D, dt_bias: (H,); B, C: (b, l, 1, N); seq_idx: (b, l)."""
+    import mamba_ssm.ops.triton.ssd_combined as m
+
+    batch, seqlen, nheads, p = x.shape
+    n = B.shape[-1]
+    dA_cs, dt_soft = m._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True)
+    CB = m._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+    nchunks = CB.shape[1]
+    chunk_states = m._chunk_state_fwd(B, x, dt_soft, dA_cs, seq_idx=seq_idx, states_in_fp32=True)
+    states_in, _ = m._state_passing_fwd(chunk_states.reshape(batch, nchunks, nheads, p * n), dA_cs[:, :, :, -1],
+                                        seq_idx=seq_idx, chunk_size=chunk_size)
+    # the gradient reaching each chunk's outgoing state, through the state passing
+    dstates_out = m._chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=states_in.dtype)
+    dstates, ddA_chunk_end, _, states_in = m._state_passing_bwd(
+        states_in, dA_cs[:, :, :, -1], dstates_out.reshape(batch, nchunks, nheads, p * n), seq_idx=seq_idx,
+        has_initial_states=False, dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size)
+    states_in = states_in.reshape(batch, nchunks, nheads, p, n)
+    dstates = dstates.reshape(batch, nchunks, nheads, p, n)
+    if all_heads:
+        dx, ddt_soft, dD = dx_all_heads(CB, x, dy, dt_soft, dA_cs, B, dstates, D, seq_idx)
+    else:
+        dx, ddt_soft, dD = m._chunk_scan_chunk_state_bwd_dx(x, dt_soft, dA_cs, B, CB, dy, dstates, D=D, seq_idx=seq_idx)
+    dB_states, ddA_from_states = m._chunk_state_bwd_db(x, dt_soft, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=1)
+    dC_states, ddA_into_chunk = m._chunk_scan_bwd_dC(states_in, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=1)
+    dCB = m._chunk_scan_bwd_dcb(x, dt_soft, dA_cs, dy, seq_idx=seq_idx, ngroups=1).to(CB.dtype)
+    dB = m._bmm_chunk_bwd(C, dCB, residual=dB_states, out=torch.empty_like(B))
+    dC = m._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=torch.empty_like(C))
+    ddA_into_chunk[..., -1] += ddA_chunk_end
+    ddA = ddacs_all_heads(CB, x, dy, dt_soft, dA_cs) if all_heads else m._chunk_scan_bwd_ddAcs_stable(x, dt_soft, dA_cs, dy, CB)
+    ddA += ddA_from_states + ddA_into_chunk.flip([-1]).cumsum(dim=-1).flip([-1])
+    ddt, dA, ddt_bias = m._chunk_cumsum_bwd(ddA, ddt_soft, dt, A, dt_bias=dt_bias, dt_softplus=True)
+    return dx, ddt, dA, dB, dC, dD, ddt_bias
+
+
 def check_ddacs(device="cpu", dtype=torch.float32, seed=0):
     """The ddA prototype against its float64 loop; returns the worst error."""
     worst = 0.0
@@ -394,8 +440,10 @@ def check_ddacs(device="cpu", dtype=torch.float32, seed=0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only check the kernels against the loops (CPU: TRITON_INTERPRET=1)")
-    ap.add_argument("--passes", nargs="+", default=["fwd", "dx", "ddacs"], choices=["fwd", "dx", "ddacs"],
-                    help="fwd: the output pass (ssd4rec.ops.ssd_scan_heads); dx, ddacs: the backward's prototypes")
+    ap.add_argument("--passes", nargs="+", default=["fwd", "dx", "ddacs", "backward"],
+                    choices=["fwd", "dx", "ddacs", "backward"],
+                    help="fwd: the output pass (ssd4rec.ops.ssd_scan_heads); dx, ddacs: the backward's "
+                         "prototypes; backward: the whole scan backward with both (GPU only)")
     ap.add_argument("--tokens", type=int, default=245_760)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, nargs="+", default=[128, 256], dest="chunk_sizes")
@@ -406,7 +454,9 @@ def main():
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("no GPU: run the check with TRITON_INTERPRET=1")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        errs = {p: checks[p](device) for p in args.passes}
+        if not any(p in checks for p in args.passes):
+            sys.exit("--passes backward runs mamba_ssm's kernels: GPU only (no --check)")
+        errs = {p: checks[p](device) for p in args.passes if p in checks}
         for p, err in errs.items():
             print(f"{p} kernel vs float64 loop: worst relative error {err:.2e}")
         sys.exit(0 if max(errs.values()) < TOLERANCE[device] else 1)
@@ -420,7 +470,8 @@ def main():
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
 
     for p in args.passes:
-        print(f"{p} check (fp32, tf32 dots): worst relative error {checks[p]('cuda'):.2e}", flush=True)
+        if p in checks:
+            print(f"{p} check (fp32, tf32 dots): worst relative error {checks[p]('cuda'):.2e}", flush=True)
     gen = torch.Generator().manual_seed(1)
     length = args.tokens // args.rows
     for q in args.chunk_sizes:
@@ -434,6 +485,24 @@ def main():
             compare(f"chunk {q}, dx pass (_chunk_scan_chunk_state_bwd_dx)",
                     lambda: _chunk_scan_chunk_state_bwd_dx(x, dt, dA, BC, cb, dout, states, D=D, seq_idx=seq_idx),
                     lambda: dx_all_heads(*inputs), args.repeats)
+        if "backward" in args.passes:  # the scan's own inputs, as the model feeds them under bf16 autocast
+            x_, dt_, B_, C_ = (torch.randn(args.rows, length, *shape, generator=gen).to("cuda", torch.bfloat16) * scale
+                               for shape, scale in (((32, 16), 1.0), ((32,), 0.5), ((1, 64), 0.125), ((1, 64), 1.0)))
+            A_ = -torch.exp(torch.rand(32, generator=gen) * 2.7).cuda()
+            D_, bias_ = torch.randn(32, generator=gen).cuda(), (torch.randn(32, generator=gen) * 0.5).cuda()
+            dy_ = torch.randn(x_.shape, generator=gen).to("cuda", torch.bfloat16)
+            args_ = (dy_, x_, dt_, A_, B_, C_, q, D_, bias_, seq_idx)
+            # first, that scan_backward's own steps are mamba_ssm's backward (bit for bit, up to
+            # its nondeterministic atomics)
+            from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd
+            grads = _mamba_chunk_scan_combined_bwd(dy_, x_, dt_, A_, B_, C_, torch.empty_like(x_), q, D=D_,
+                                                   dt_bias=bias_, seq_idx=seq_idx, dt_softplus=True)
+            theirs = [grads[i] for i in (0, 1, 2, 3, 4, 5, 7)]
+            print(f"chunk {q}: scan_backward(all_heads=False) against _mamba_chunk_scan_combined_bwd: "
+                  + " / ".join(f"{rel_err(a, b):.1e}" for a, b in zip(scan_backward(*args_, all_heads=False), theirs)),
+                  flush=True)
+            compare(f"chunk {q}, whole scan backward (dx, ddt, dA, dB, dC, dD, ddt_bias)",
+                    lambda: scan_backward(*args_, all_heads=False), lambda: scan_backward(*args_), args.repeats)
         if "ddacs" in args.passes:
             compare(f"chunk {q}, ddA pass (_chunk_scan_bwd_ddAcs_stable)",
                     lambda: _chunk_scan_bwd_ddAcs_stable(x, dt, dA, dout, cb),
