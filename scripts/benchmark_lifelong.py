@@ -24,8 +24,8 @@ each history is one window.
 
 Model: ssd4rec/models/lifelongrec.yaml (hidden 50, 2 blocks, dropout 0.2, loss BCE, ...), with
 backend auto: on CUDA the ssd backbone runs mamba_ssm's Triton SSD kernels and causal_conv1d;
-mamba runs mamba_ssm's selective_scan_cuda if it is installed, else the PyTorch scan (the env
-line of the output says which); the yaml's compile_glue: auto compiles the ssd backbone's
+mamba runs mamba_ssm's selective_scan_cuda if it is installed, else our Triton scan core where
+triton imports, else the PyTorch scan (the env line of the output says which); the yaml's compile_glue: auto compiles the ssd backbone's
 elementwise glue with torch.compile on CUDA (the warm-up steps absorb the compile; --set
 compile_glue=false for eager). sasrec is RecBole's TransformerEncoder, causal mask, fp32.
 Precision: fp32 everywhere by default, but mamba_ssm's Triton kernels run their float32 dot

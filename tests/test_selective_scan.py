@@ -223,7 +223,7 @@ def test_bad_arguments():
     A = -torch.ones(4, 3)
     B = torch.randn(2, 3, 5)
     with pytest.raises(ValueError, match="backend"):
-        selective_scan(u, u, A, B, B, backend="triton")
+        selective_scan(u, u, A, B, B, backend="bogus")
     with pytest.raises(ValueError, match="B must be"):
         selective_scan(u, u, A, torch.randn(2, 3, 4), B)
     with pytest.raises(ValueError, match="groups|g dividing"):
@@ -236,15 +236,26 @@ def test_bad_arguments():
         selective_scan(u, u, A.to(torch.complex64), B, B)
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         selective_scan(u, u, A, B, B, backend="cuda")
+    with pytest.raises(RuntimeError, match="CUDA tensors.*backend='torch'"):
+        selective_scan(u, u, A, B, B, backend="triton")
 
 
 def test_implementation_record(monkeypatch):
     assert ss.selective_scan_implementation("cpu").startswith("torch")
     assert ss.selective_scan_implementation(torch.device("cuda:0"), backend="torch").startswith("torch")
     monkeypatch.setattr(ss, "_load_cuda_scan", lambda: (None, "ModuleNotFoundError: no selective_scan_cuda"))
+    monkeypatch.setattr(ss, "_load_triton_selective_scan", lambda: (None, "ModuleNotFoundError: no triton"))
     line = ss.selective_scan_implementation("cuda")
     assert line.startswith("torch") and "not available" in line and "selective_scan_cuda" in line
+    assert "Triton not available (ModuleNotFoundError: no triton)" in line
     assert ss.selective_scan_implementation("cuda", backend="cuda").startswith("unavailable")
+    assert ss.selective_scan_implementation("cuda", backend="triton").startswith("unavailable")
+    # without the CUDA kernel, auto runs the Triton core where triton imports
+    monkeypatch.setattr(ss, "_load_triton_selective_scan", lambda: (object(), None))
+    line = ss.selective_scan_implementation("cuda")
+    assert line.startswith("triton (ssd4rec.ops.selective_scan_triton)") and "selective_scan_cuda" in line
+    assert ss.selective_scan_implementation("cuda", backend="triton") == "triton (ssd4rec.ops.selective_scan_triton)"
+    assert ss.selective_scan_implementation("cpu", backend="triton").startswith("unavailable")
     monkeypatch.setattr(ss, "_load_cuda_scan", lambda: (object(), None))
     assert ss.selective_scan_implementation("cuda").startswith("cuda")
     assert ss.selective_scan_implementation("cpu").startswith("torch")

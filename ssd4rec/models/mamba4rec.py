@@ -22,7 +22,8 @@ position that is scored.
 ``Mamba`` (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so state_dicts load in
 either direction. Its convolution is ``ssd4rec.ops.causal_conv1d`` and its scan
 ``ssd4rec.ops.selective_scan``: the causal_conv1d / mamba_ssm CUDA kernels when they import
-on a GPU, exact PyTorch otherwise.
+on a GPU, exact PyTorch otherwise; without mamba_ssm's CUDA kernel the scan's core runs as our
+Triton kernel on a GPU (``ssd4rec.ops.selective_scan_triton``) when triton imports.
 """
 
 import math
@@ -38,8 +39,10 @@ from ssd4rec.ops.conv1d import causal_conv1d
 from ssd4rec.ops.selective_scan import selective_scan
 
 # The config key `backend` is shared with SSD4Rec ("triton" there means "the GPU kernels");
-# each op has its own names for the same choice.
-_SCAN_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda", "triton_heads": "cuda", "cuda": "cuda"}
+# each op has its own names for the same choice. The scan's "triton" is our Triton kernel
+# (ssd4rec.ops.selective_scan_triton), which needs only triton; "auto" prefers mamba_ssm's
+# CUDA kernel and falls back to it.
+_SCAN_BACKEND = {"auto": "auto", "torch": "torch", "triton": "triton", "triton_heads": "triton", "cuda": "cuda"}
 _CONV_BACKEND = {"auto": "auto", "torch": "torch", "triton": "cuda", "triton_heads": "cuda", "cuda": "cuda"}
 
 

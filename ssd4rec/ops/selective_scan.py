@@ -32,6 +32,11 @@ written with autograd over precomputed exp(delta A) and delta B u, as mamba_ssm'
 selective_scan_ref): b=256 l=20 0.17 s vs 1.6 s; b=256 l=50 0.7 s vs 5.4 s; b=64 l=200
 1.4 s vs 5.9 s (a busy shared machine: +-30%).
 
+On a GPU without mamba_ssm's ``selective_scan_cuda``, the core (y_t = C_t . h_t, no delta
+processing, D, z) runs as a Triton kernel pair that keeps the state in registers and loops over
+time inside the kernel (``ssd4rec.ops.selective_scan_triton``); the glue around it is the
+same as here.
+
 Shapes (as mamba_ssm): b batch, d channels, l length, n state size, g groups of B / C
 (channel i reads group i // (d // g)), T block length.
 """
@@ -39,6 +44,7 @@ Shapes (as mamba_ssm): b batch, d channels, l length, n state size, g groups of 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import Callable, Optional, Tuple, Union
 
@@ -46,9 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssd4rec.ops.selective_scan_triton import _load_triton_selective_scan
+
 __all__ = ["selective_scan", "selective_scan_torch", "selective_scan_implementation"]
 
-_BACKENDS = ("auto", "torch", "cuda")
+_BACKENDS = ("auto", "torch", "cuda", "triton")
 
 # Elements of one (T, b, d, n) block tensor: T = this // (b * d * n), at least 1, at most l.
 # 2**23 float32 elements = 32 MiB per block tensor; backward holds about five of them.
@@ -87,12 +95,19 @@ def _load_cuda_scan() -> Tuple[Optional[Callable], Optional[str]]:
 
 def selective_scan_implementation(device: Union[str, torch.device, None] = None,
                                   backend: str = "auto") -> str:
-    """Which implementation ``selective_scan(..., backend=backend)`` runs for float32 inputs on
-    ``device`` (a torch.device, "cpu", "cuda", "cuda:1", ...), as a line for result records."""
+    """Which implementation ``selective_scan(..., backend=backend)`` runs for float32 inputs
+    with variable B, C of shape (b, n, l) (Mamba4Rec's) on ``device`` (a torch.device, "cpu",
+    "cuda", "cuda:1", ...), as a line for result records."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     dev = torch.device(device if device is not None else "cpu")
     torch_impl = "torch (ssd4rec.ops.selective_scan, blocked recurrence)"
+    triton_impl = "triton (ssd4rec.ops.selective_scan_triton)"
+    if backend == "triton":
+        if dev.type != "cuda":
+            return f"unavailable: {triton_impl} needs CUDA tensors"
+        fn, reason = _load_triton_selective_scan()
+        return triton_impl if fn is not None else f"unavailable: {triton_impl} ({reason})"
     if dev.type != "cuda" or backend == "torch":
         return torch_impl
     fn, reason = _load_cuda_scan()
@@ -100,7 +115,11 @@ def selective_scan_implementation(device: Union[str, torch.device, None] = None,
         return "cuda (mamba_ssm selective_scan_fn, selective_scan_cuda)"
     if backend == "cuda":
         return f"unavailable: mamba_ssm CUDA selective scan ({reason})"
-    return f"{torch_impl}; mamba_ssm CUDA kernel not available ({reason})"
+    tfn, treason = _load_triton_selective_scan()
+    if tfn is not None:
+        return f"{triton_impl}; mamba_ssm CUDA kernel not available ({reason})"
+    return (f"{torch_impl}; mamba_ssm CUDA kernel not available ({reason}); "
+            f"Triton not available ({treason})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +331,7 @@ class _SelectiveScanCore(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Pure PyTorch entry point
+# The glue around a core, and the pure PyTorch entry point
 # --------------------------------------------------------------------------------------------
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     if u.dim() != 3:
@@ -347,16 +366,12 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError(f"delta_bias must be (d,) = {(d,)}, got {tuple(delta_bias.shape)}")
 
 
-def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                         D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                         delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                         return_last_state: bool = False):
-    """Pure PyTorch selective scan; see :func:`selective_scan` for arguments.
-
-    Computes in float32 (float64 if any input is float64) and returns u's dtype; the last
-    state is returned in the compute dtype, as mamba_ssm does.
-    """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+def _scan_with_core(core: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                    D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                    delta_softplus: bool, return_last_state: bool):
+    """The selective scan around ``core`` (``_SelectiveScanCore.apply`` or the Triton core:
+    (u, delta, A, B, C) in the compute dtype -> (y: (b, d, l), last state: (b, d, n))): delta
+    bias and softplus before it, D and the gate after it. Shapes already checked."""
     cd = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     uc = u.to(cd)
     dl = delta.to(cd)
@@ -368,13 +383,38 @@ def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
         y = uc.clone()
         last = uc.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     else:
-        y, last = _SelectiveScanCore.apply(uc, dl, A.to(cd), B.to(cd), C.to(cd))
+        y, last = core(uc, dl, A.to(cd), B.to(cd), C.to(cd))
     if D is not None:
         y = y + uc * D.to(cd)[:, None]
     if z is not None:
         y = y * F.silu(z.to(cd))
     y = y.to(u.dtype)
     return (y, last) if return_last_state else y
+
+
+def selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                         delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                         return_last_state: bool = False):
+    """Pure PyTorch selective scan; see :func:`selective_scan` for arguments.
+
+    Computes in float32 (float64 if any input is float64) and returns u's dtype; the last
+    state is returned in the compute dtype, as mamba_ssm does.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    return _scan_with_core(_SelectiveScanCore.apply, u, delta, A, B, C, D, z, delta_bias,
+                           delta_softplus, return_last_state)
+
+
+def _triton_unsupported(B: Tensor, C: Tensor, cd: torch.dtype) -> Optional[str]:
+    """Why the Triton core cannot take these inputs, or None: it computes in float32 and takes
+    one variable group of B, C, (b, n, l)."""
+    if cd != torch.float32:
+        return "it computes in float32 and the inputs are float64"
+    if B.dim() != 3 or C.dim() != 3:
+        return (f"it takes variable B, C of shape (b, n, l), got {tuple(B.shape)} and "
+                f"{tuple(C.shape)}")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,15 +439,36 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         return_last_state: also return the final state (b, d, n) (no gradient flows through
             it, as in mamba_ssm).
         backend: "torch" (this module), "cuda" (mamba_ssm's selective_scan_cuda; CUDA tensors
-            only) or "auto": the CUDA kernel when u is on CUDA, not float64 (the kernel takes
-            float32 / half / bfloat16) and ``selective_scan_cuda`` imports; PyTorch otherwise.
-            :func:`selective_scan_implementation` says which one a device gets.
+            only), "triton" (this module with its core as a Triton kernel pair,
+            ``ssd4rec.ops.selective_scan_triton``; CUDA tensors, or CPU tensors under Triton's
+            interpreter, TRITON_INTERPRET=1; B, C of shape (b, n, l); not float64) or "auto":
+            on CUDA and not float64, the CUDA kernel when ``selective_scan_cuda`` imports,
+            else the Triton core when triton imports and B, C are (b, n, l); PyTorch
+            otherwise. :func:`selective_scan_implementation` says which one a device gets.
 
     Returns:
         y: (b, d, l) in u's dtype, or (y, last_state) with return_last_state.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    glue_args = (D, z, delta_bias, delta_softplus, return_last_state)
+    if backend == "triton":
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        if not u.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"selective_scan(backend='triton') needs CUDA tensors, but u is on {u.device}; "
+                "use backend='torch' (or 'auto') on CPU."
+            )
+        core, reason = _load_triton_selective_scan()
+        if core is None:
+            raise RuntimeError(
+                f"selective_scan(backend='triton'): triton is not available ({reason}); "
+                "use backend='torch' (or 'auto')."
+            )
+        why_not = _triton_unsupported(B, C, _compute_dtype(u, delta, A, B, C, D, z, delta_bias))
+        if why_not:
+            raise ValueError(f"selective_scan(backend='triton'): {why_not}; use backend='torch'.")
+        return _scan_with_core(core, u, delta, A, B, C, *glue_args)
     want_cuda = backend == "cuda" or (backend == "auto" and u.is_cuda and u.dtype != torch.float64)
     if want_cuda:
         if not u.is_cuda:
@@ -424,9 +485,16 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                 "selective_scan(backend='cuda'): mamba_ssm's CUDA selective scan is not "
                 f"available: {reason}"
             )
+        # auto: the Triton core next; only a fall back all the way to PyTorch warns
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        core, treason = _load_triton_selective_scan()
+        if core is not None:
+            treason = _triton_unsupported(B, C, _compute_dtype(u, delta, A, B, C, D, z, delta_bias))
+            if treason is None:
+                return _scan_with_core(core, u, delta, A, B, C, *glue_args)
         warnings.warn(
-            f"mamba_ssm CUDA selective scan not available ({reason}); "
-            "using the PyTorch selective_scan on CUDA.",
+            f"mamba_ssm CUDA selective scan not available ({reason}) and the Triton one not "
+            f"usable ({treason}); using the PyTorch selective_scan on CUDA.",
             RuntimeWarning,
             stacklevel=2,
         )

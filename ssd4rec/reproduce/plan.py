@@ -212,7 +212,7 @@ def check_dataset(name: str, data_path: Optional[str] = None, extra: Optional[di
 # --------------------------------------------------------------------------------------------
 def implementation_notes(model: str, device: str, backend: str = "auto") -> dict:
     """Which kernels a run of ``model`` used on ``device`` ("cpu ..." or a GPU name), with the
-    config key ``backend`` (SSD4Rec, TiM4Rec)."""
+    config key ``backend`` (SSD4Rec, TiM4Rec; for Mamba4Rec through its _SCAN_BACKEND)."""
     cuda = not str(device).startswith("cpu")
     notes = {}
     if model in ("SSD4Rec", "TiM4Rec", "Mamba4Rec"):
@@ -238,9 +238,11 @@ def implementation_notes(model: str, device: str, backend: str = "auto") -> dict
         else:
             notes["ssd_scan"] = "torch (ssd4rec.ops.ssd_scan, chunked)"
     elif model == "Mamba4Rec":
+        from ssd4rec.models.mamba4rec import _SCAN_BACKEND
         from ssd4rec.ops.selective_scan import selective_scan_implementation
 
-        notes["selective_scan"] = selective_scan_implementation("cuda" if cuda else "cpu")
+        notes["selective_scan"] = selective_scan_implementation("cuda" if cuda else "cpu",
+                                                                _SCAN_BACKEND.get(backend, "auto"))
     else:
         import recbole
 
