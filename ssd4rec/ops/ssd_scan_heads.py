@@ -1,4 +1,5 @@
-"""The SSD scan with its forward output pass computed for all heads of a chunk in one program.
+"""The SSD scan with its forward output pass and its backward dx pass computed for all heads of a
+chunk in one program.
 
 Why. At SSD4Rec's shapes (32 heads of 16 channels, one group, d_state 64) mamba_ssm's
 ``_chunk_scan_fwd`` runs one Triton program per (chunk, head) with the heads outermost in its
@@ -8,9 +9,14 @@ loops over the heads. On one H100, bf16, at the ML-1M step's shape (245,760 toke
 history 120), it takes 1.04 ms against mamba_ssm's 1.96 ms at chunk 128 and 2.05 against
 2.48 ms at chunk 256 (``scripts/bench_scan_heads.py``, README).
 
+The backward's dx pass, mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` (dx, ddt, dD), the
+largest kernel of a training step, reloaded C·Bᵀ per head in the same way; ``dx_all_heads``
+below loads it once: 1.19 against 3.03 ms at chunk 128, 2.30 against 3.65 at 256, with dx and
+ddt equal to mamba_ssm's bit for bit (same script).
+
 Everything else is mamba_ssm's: the chunk cumsum, chunk states, state passing and C·Bᵀ in the
-forward, and the whole backward (``_mamba_chunk_scan_combined_bwd``, which recomputes what it
-needs and never reads the forward's output when there is no z). ``ssd_scan(backend=
+forward, and every other step of the backward, taken in the order of its
+``_mamba_chunk_scan_combined_bwd`` (``_backward``). ``ssd_scan(backend=
 "triton_heads")`` is the entry point; it supports what SSD4Rec uses: one group, D of shape
 (h,) or none, no z, no initial state.
 
@@ -35,7 +41,7 @@ import triton
 import triton.language as tl
 
 # One config under Triton's CPU interpreter (tests): its autotuner would need a GPU to time.
-# Also used by the backward prototypes in scripts/bench_scan_heads.py.
+# Used by both kernels of this module.
 AUTOTUNE_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_INTERPRET") == "1" else
                     [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
                      for m in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)])
@@ -126,6 +132,113 @@ def scan_out_all_heads(cb, x, dt, dA, C, states, D, seq_idx):
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# The backward's dx pass with all heads of a chunk in one program
+# --------------------------------------------------------------------------------------------
+# mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` (the largest kernel of an SSD4Rec training
+# step) also runs one program per (chunk, head) and reloads the chunk's C·Bᵀ for every head.
+# For token s of chunk c and head h, with t over the chunk's tokens at or after s:
+#
+#     g[s, h]  = sum_{t >= s} CB[t, s] exp(min(dA[h, t] - dA[h, s], 0)) dout[t, h]
+#                + [seq(s) == seq(last token of c)] exp(min(dA[h, last] - dA[h, s], 0)) B[s] . dstates[c, h]
+#     dx[s, h] = g[s, h] dt[h, s] + D[h] dout[s, h]
+#     ddt[h, s] = sum_p g[s, h, p] x[s, h, p]            dD[h] = sum_{s, p} dout[s, h, p] x[s, h, p]
+#
+#     CB: (b, nchunks, 1, Q, Q) float32; x, dout: (b, l, H, P); dt, dA: (b, H, nchunks, Q) float32
+#     B: (b, l, 1, N); dstates: (b, nchunks, H, P, N); D: (H,); seq: (b, l) int32
+@triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"])
+@triton.jit
+def _dx_all_heads_kernel(
+    cb_ptr, x_ptr, dout_ptr, dt_ptr, dA_ptr, B_ptr, dst_ptr, D_ptr, seq_ptr,
+    dx_ptr, ddt_ptr, dD_ptr,
+    seqlen,
+    s_cb_b, s_cb_c, s_cb_m, s_cb_k,
+    s_x_b, s_x_l, s_x_h, s_x_p,
+    s_dt_b, s_dt_h, s_dt_c, s_dt_q,
+    s_B_b, s_B_l, s_B_n,
+    s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
+    s_seq_b, s_seq_l,
+    s_dD_b, s_dD_c, s_dD_m,
+    HAS_D: tl.constexpr,
+    NHEADS: tl.constexpr, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One program: BLOCK_M tokens s of one chunk of one batch row, every head. x, dout and dx
+    share x's strides; ddt shares dt's."""
+    pid_m, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = pid_c * Q
+    limit = tl.minimum(Q, seqlen - start)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # the tokens s
+    offs_k = tl.arange(0, Q)                            # the tokens t
+    offs_p = tl.arange(0, P)
+    offs_n = tl.arange(0, N)
+    m_ok, k_ok = offs_m < limit, offs_k < limit
+
+    # Shared by every head: C·Bᵀ transposed (rows s, columns t >= s), B rows, sequence ids.
+    cbT = tl.load(cb_ptr + pid_b * s_cb_b + pid_c * s_cb_c + offs_k[None, :] * s_cb_m + offs_m[:, None] * s_cb_k,
+                  mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    cbT = tl.where(offs_k[None, :] >= offs_m[:, None], cbT, 0.0)
+    b_rows = tl.load(B_ptr + pid_b * s_B_b + (start + offs_m)[:, None] * s_B_l + offs_n[None, :] * s_B_n,
+                     mask=m_ok[:, None], other=0.0)
+    seq_m = tl.load(seq_ptr + pid_b * s_seq_b + (start + offs_m) * s_seq_l, mask=m_ok, other=-1)
+    seq_last = tl.load(seq_ptr + pid_b * s_seq_b + (start + limit - 1) * s_seq_l)
+    reaches_end = seq_m == seq_last  # token s's sequence is the one whose state leaves the chunk
+
+    dt_base = dt_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    dA_base = dA_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    for h in range(0, NHEADS):
+        dA_m = tl.load(dA_base + h * s_dt_h + offs_m * s_dt_q, mask=m_ok, other=0.0)
+        dA_k = tl.load(dA_base + h * s_dt_h + offs_k * s_dt_q, mask=k_ok, other=0.0)
+        dA_last = tl.load(dA_base + h * s_dt_h + (limit - 1) * s_dt_q)
+        dt_m = tl.load(dt_base + h * s_dt_h + offs_m * s_dt_q, mask=m_ok, other=0.0)
+        head = pid_b * s_x_b + h * s_x_h
+        dout_k = tl.load(dout_ptr + head + (start + offs_k)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                         mask=k_ok[:, None], other=0.0)
+        # min(., 0): below the diagonal the difference is positive and masked anyway (see the forward)
+        weights = cbT * tl.exp(tl.minimum(dA_k[None, :] - dA_m[:, None], 0.0))
+        acc = tl.dot(weights.to(dout_k.dtype), dout_k)                              # (BLOCK_M, P)
+        dstate = tl.load(dst_ptr + pid_b * s_st_b + pid_c * s_st_c + h * s_st_h
+                         + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p)   # (N, P)
+        scale = tl.where(reaches_end, tl.exp(tl.minimum(dA_last - dA_m, 0.0)), 0.0)
+        acc += tl.dot(b_rows, dstate.to(b_rows.dtype)) * scale[:, None]
+        x_m = tl.load(x_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                      mask=m_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(ddt_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q,
+                 tl.sum(acc * x_m, axis=1), mask=m_ok)
+        dx = acc * dt_m[:, None]
+        if HAS_D:
+            dout_m = tl.load(dout_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                             mask=m_ok[:, None], other=0.0).to(tl.float32)
+            dx += dout_m * tl.load(D_ptr + h).to(tl.float32)
+            # one partial sum per (program, head): the host adds them, no atomics
+            tl.store(dD_ptr + pid_b * s_dD_b + pid_c * s_dD_c + pid_m * s_dD_m + h, tl.sum(tl.sum(dout_m * x_m, axis=1)))
+        tl.store(dx_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                 dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+def dx_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
+    """The dx pass (formula above) -> dx: (b, l, H, P) in x's dtype, ddt: (b, H, nchunks, Q)
+    float32, dD: (H,) float32 or None. Shapes as above; one group only."""
+    batch, seqlen, nheads, p = x.shape
+    _, nchunks, groups, q, _ = cb.shape
+    n = B.shape[-1]
+    assert groups == 1 and B.shape[2] == 1, "one group (SSD4Rec's setting) only"
+    assert dt.stride() == dA.stride() and dout.stride() == x.stride()
+    dx = torch.empty_like(x)
+    ddt = torch.zeros_like(dt)
+    # per (b, chunk, row block, head); sized for the narrowest row block any config uses
+    dD_part = torch.zeros(batch, nchunks, triton.cdiv(q, 16), nheads, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(q, meta["BLOCK_M"]), nchunks, batch)  # noqa: E731
+    _dx_all_heads_kernel[grid](
+        cb, x, dout, dt, dA, B, dstates, D if D is not None else x, seq_idx, dx, ddt, dD_part, seqlen,
+        cb.stride(0), cb.stride(1), cb.stride(3), cb.stride(4),
+        *x.stride(), *dt.stride(),
+        B.stride(0), B.stride(1), B.stride(3),
+        *dstates.stride(), *seq_idx.stride(),
+        dD_part.stride(0), dD_part.stride(1), dD_part.stride(2),
+        HAS_D=D is not None, NHEADS=nheads, Q=q, P=p, N=n)
+    return dx, ddt, (dD_part.sum(dim=(0, 1, 2)) if D is not None else None)
+
+
 def _mamba():
     """mamba_ssm.ops.triton.ssd_combined, imported through ``ssd_scan._load_triton_scan`` (which
     handles mamba_ssm's import quirk). Not at the top of this file, so that the kernel above can
@@ -152,23 +265,61 @@ def _forward(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_li
     return scan_out_all_heads(CB, x, dt_proc, dA_cumsum, C, states.reshape(b, c, h, p, n), D, seq_idx)
 
 
+def _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit):
+    """Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias): the steps of mamba_ssm 2.3.2's
+    ``_mamba_chunk_scan_combined_bwd`` for no z, no initial state and one group, with
+    ``dx_all_heads`` in place of its ``_chunk_scan_chunk_state_bwd_dx``. Like mamba_ssm, it
+    recomputes the forward's cumsum, C·Bᵀ and states rather than keeping them.
+    dy, x: (b, l, h, p); dt: (b, l, h); A, D, dt_bias: (h,); B, C: (b, l, 1, n); seq_idx: (b, l)."""
+    m = _mamba()
+    batch, seqlen, nheads, p = x.shape
+    n = B.shape[-1]
+    if dy.stride() != x.stride():  # dx_all_heads reads x and dy with one set of strides
+        x, dy = x.contiguous(), dy.contiguous()
+    dA_cs, dt_proc = m._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                         dt_limit=dt_limit)
+    CB = m._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+    nchunks = CB.shape[1]
+    states = m._chunk_state_fwd(B, x, dt_proc, dA_cs, seq_idx=seq_idx, states_in_fp32=True)
+    states, _ = m._state_passing_fwd(states.reshape(batch, nchunks, nheads, p * n), dA_cs[:, :, :, -1],
+                                     seq_idx=seq_idx, chunk_size=chunk_size)
+    # The gradient reaching each chunk's outgoing state, then through the state passing.
+    dstates = m._chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=states.dtype)
+    dstates, ddA_chunk_end, _, states = m._state_passing_bwd(
+        states, dA_cs[:, :, :, -1], dstates.reshape(batch, nchunks, nheads, p * n), seq_idx=seq_idx,
+        has_initial_states=False, dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size)
+    states = states.reshape(batch, nchunks, nheads, p, n)
+    dstates = dstates.reshape(batch, nchunks, nheads, p, n)
+    dx, ddt_proc, dD = dx_all_heads(CB, x, dy, dt_proc, dA_cs, B, dstates, D, seq_idx)
+    dB_states, ddA_from_states = m._chunk_state_bwd_db(x, dt_proc, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=1)
+    dC_states, ddA_into_chunk = m._chunk_scan_bwd_dC(states, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=1)
+    dCB = m._chunk_scan_bwd_dcb(x, dt_proc, dA_cs, dy, seq_idx=seq_idx, ngroups=1).to(CB.dtype)
+    dB = m._bmm_chunk_bwd(C, dCB, residual=dB_states, out=torch.empty_like(B))
+    dC = m._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=torch.empty_like(C))
+    ddA_into_chunk[..., -1] += ddA_chunk_end
+    ddA = m._chunk_scan_bwd_ddAcs_stable(x, dt_proc, dA_cs, dy, CB)
+    ddA += ddA_from_states + ddA_into_chunk.flip([-1]).cumsum(dim=-1).flip([-1])
+    ddt, dA, ddt_bias = m._chunk_cumsum_bwd(ddA, ddt_proc, dt, A, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                            dt_limit=dt_limit)
+    return dx, ddt, dA, dB, dC, dD, ddt_bias
+
+
 class SSDScanAllHeads(torch.autograd.Function):
-    """Forward: ``_forward``; backward: mamba_ssm's, unchanged."""
+    """Forward: ``_forward``; backward: ``_backward``."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit):
         y = _forward(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit)
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_idx, y)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_idx)
         ctx.settings = (chunk_size, dt_softplus, dt_limit)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, dt, A, B, C, D, dt_bias, seq_idx, y = ctx.saved_tensors
+        x, dt, A, B, C, D, dt_bias, seq_idx = ctx.saved_tensors
         chunk_size, dt_softplus, dt_limit = ctx.settings
-        dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = _mamba()._mamba_chunk_scan_combined_bwd(
-            dy, x, dt, A, B, C, y, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx,
-            dt_softplus=dt_softplus, dt_limit=dt_limit)
+        dx, ddt, dA, dB, dC, dD, ddt_bias = _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias,
+                                                      seq_idx, dt_softplus, dt_limit)
         return dx, ddt, dA, dB, dC, None, dD, ddt_bias, None, None, None
 
 
