@@ -46,9 +46,16 @@ AUTOTUNE_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_I
                     [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
                      for m in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2)])
 
+# Triton compiles a kernel again for every new pattern of its integer arguments (== 1, divisible
+# by 16). The token count and seq_idx's row stride change with every batch, and in an ML-1M
+# benchmark the first batch whose count was a multiple of 16 cost a ~2 s recompile of both
+# kernels in the middle of a timed round. Neither value feeds an address that could use the
+# alignment, so both kernels are compiled once, for any value.
+UNSPECIALIZED = ["seqlen", "s_seq_b"]
+
 
 @triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"])
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _scan_out_all_heads_kernel(
     cb_ptr, x_ptr, dt_ptr, dA_ptr, C_ptr, st_ptr, D_ptr, seq_ptr, out_ptr,
     seqlen,
@@ -147,7 +154,7 @@ def scan_out_all_heads(cb, x, dt, dA, C, states, D, seq_idx):
 #     CB: (b, nchunks, 1, Q, Q) float32; x, dout: (b, l, H, P); dt, dA: (b, H, nchunks, Q) float32
 #     B: (b, l, 1, N); dstates: (b, nchunks, H, P, N); D: (H,); seq: (b, l) int32
 @triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"])
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _dx_all_heads_kernel(
     cb_ptr, x_ptr, dout_ptr, dt_ptr, dA_ptr, B_ptr, dst_ptr, D_ptr, seq_ptr,
     dx_ptr, ddt_ptr, dD_ptr,
