@@ -44,6 +44,8 @@ break, each with the smallest change that restores RecBole's own intent:
 ``apply()`` is idempotent and is called when :mod:`ssd4rec` is imported.
 """
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -64,8 +66,13 @@ _applied = False
 def _compatibility_settings(self):
     """Replacement for ``recbole.config.Config.compatibility_settings``."""
     for name, dtype in _LEGACY_NUMPY_ALIASES.items():
-        # np.bool and np.str exist again in numpy 2 with the right meaning; keep them.
-        if not hasattr(np, name):
+        # np.bool and np.str exist again in numpy 2 with the right meaning; keep them. Asking
+        # numpy >= 2.3 for a removed alias warns that it will come back as a scalar type; the
+        # question is ours, not the user's, so the warning is not shown on every run.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            missing = not hasattr(np, name)
+        if missing:
             setattr(np, name, dtype)
 
 
