@@ -49,8 +49,9 @@ AUTOTUNE_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_I
 # Triton compiles a kernel again for every new pattern of its integer arguments (== 1, divisible
 # by 16). The token count and seq_idx's row stride change with every batch, and in an ML-1M
 # benchmark the first batch whose count was a multiple of 16 cost a ~2 s recompile of both
-# kernels in the middle of a timed round. Neither value feeds an address that could use the
-# alignment, so both kernels are compiled once, for any value.
+# kernels in the middle of a timed round. The token count only bounds masks, and the stride
+# only offsets the few int32 seq_idx loads of a program, where alignment buys nothing, so both
+# kernels are compiled once, for any value.
 UNSPECIALIZED = ["seqlen", "s_seq_b"]
 
 
