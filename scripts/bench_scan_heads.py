@@ -3,14 +3,16 @@
 - ``fwd``: the output pass of ``ssd4rec.ops.ssd_scan_heads`` (``backend: triton_heads``), which
   computes mamba_ssm 2.3.2's ``_chunk_scan_fwd`` output (no z, one group, D per head); its
   docstring has the formula.
-- ``dx``: the backward's dx pass of the same module (``dx_all_heads``), mamba_ssm's
-  ``_chunk_scan_chunk_state_bwd_dx`` (dx, ddt, dD), the largest kernel of a training step.
+- ``dx``: the backward's passes over C·Bᵀ in the same module (``pair_grads_all_heads``): dx, ddt
+  and dD (mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx``, the largest kernel of a training
+  step), dCB (``_chunk_scan_bwd_dcb``) and ddA (``_chunk_scan_bwd_ddAcs_stable``) in one kernel.
 - ``backward`` (GPU only): the module's whole scan backward (``_backward``: mamba_ssm's steps
-  with ``dx_all_heads``) against mamba_ssm's own ``_mamba_chunk_scan_combined_bwd``.
+  with ``pair_grads_all_heads``) against mamba_ssm's own ``_mamba_chunk_scan_combined_bwd``.
 
-(A prototype of the ddA pass, mamba_ssm's ``_chunk_scan_bwd_ddAcs_stable``, was measured here in
-session 11 and removed: 0.94x at chunk 128 and 1.40x at 256 on an H100, and its float64 check
-failed on the GPU though it passed under the interpreter. Its code is in git history, 8f2a918.)
+(A separate prototype of the ddA pass was measured here in session 11 and removed: 0.94x at
+chunk 128 and 1.40x at 256 on an H100, and its float64 check failed on the GPU though it passed
+under the interpreter. Its code is in git history, 8f2a918. The fused kernel computes ddA with
+plain sums instead of its cumulative sum.)
 
 Each loads a chunk's (Q, Q) C·Bᵀ block once instead of once per head. This script
 
@@ -41,7 +43,7 @@ from bench_scan import packed_seq_idx  # noqa: E402  (scripts/, this file's fold
 
 try:
     import triton
-    from ssd4rec.ops.ssd_scan_heads import dx_all_heads, scan_out_all_heads
+    from ssd4rec.ops.ssd_scan_heads import pair_grads_all_heads, scan_out_all_heads
 except ImportError as err:  # the CPU install has no triton
     if __name__ == "__main__":
         sys.exit(f"bench_scan_heads.py needs triton ({err}); on a CPU: pip install triton, then "
@@ -94,12 +96,18 @@ def random_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
 
 
 def reference_dx(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
-    """The dx pass's formula as a loop over chunks, in float64 -> (dx, ddt, dD)."""
+    """The backward's passes of ``pair_grads_all_heads`` as loops over chunks, in float64 ->
+    (dx, ddt, dD, dCB, dB_states, ddA), ddA per step as mamba_ssm's ``_chunk_scan_bwd_ddAcs_stable``
+    and ``_chunk_state_bwd_db`` give it together: the sum of M[t, s] over the pairs s < j <= t
+    and of E[s] over the tokens s < j, whose decays cover step j."""
     batch, seqlen, nheads, p = x.shape
     q = cb.shape[-1]
     g = torch.zeros(batch, seqlen, nheads, p, dtype=torch.float64)
     x64, dout64, B64 = x.double(), dout.double(), B[:, :, 0].double()
     dt64 = torch.zeros(batch, seqlen, nheads, dtype=torch.float64)
+    dCB = torch.zeros(cb.shape, dtype=torch.float64)
+    dB = torch.zeros(B.shape, dtype=torch.float64)
+    ddA = torch.zeros(dt.shape, dtype=torch.float64)
     for c in range(cb.shape[1]):
         lo, hi = c * q, min(seqlen, (c + 1) * q)
         w = hi - lo
@@ -112,6 +120,18 @@ def reference_dx(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
         inter = torch.einsum("bsn,bhpn->bshp", B64[:, lo:hi], dstates[:, c].double())
         g[:, lo:hi] += inter * (to_end * reaches[..., None])[..., None]
         dt64[:, lo:hi] = dt[:, :, c, :w].double().transpose(1, 2)
+        # through the chunk's outgoing state: B's gradient and the decays' (E)
+        f = to_end * reaches[..., None] * dt64[:, lo:hi]                        # (b, s, h)
+        dB[:, lo:hi, 0] = torch.einsum("bshp,bhpn->bsn", x64[:, lo:hi] * f[..., None], dstates[:, c].double())
+        E = (inter * x64[:, lo:hi]).sum(-1) * f                                  # (b, s, h)
+        # the pairs: dout[t] . x[s] decay dt[s], t >= s, within one sequence
+        same = (seq_idx[:, lo:hi, None] == seq_idx[:, None, lo:hi]).double()     # (b, s, t)
+        dots = torch.einsum("bthp,bshp->bhst", dout64[:, lo:hi], x64[:, lo:hi])
+        pairs = torch.triu(dots * decay) * dt[:, :, c, :w, None].double()       # (b, h, s, t)
+        dCB[:, c, 0, :w, :w] = (pairs.sum(1) * same).transpose(1, 2)
+        M = pairs * block[:, None]
+        for j in range(1, w):
+            ddA[:, :, c, j] = M[..., :j, j:].sum(dim=(-1, -2)) + E[:, :j].sum(1)
     dx = g * dt64[..., None]
     ddt_tokens = (g * x64).sum(-1)                                               # (b, l, h)
     ddt = torch.zeros(dt.shape, dtype=torch.float64)
@@ -119,8 +139,14 @@ def reference_dx(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
         lo, hi = c * q, min(seqlen, (c + 1) * q)
         ddt[:, :, c, :hi - lo] = ddt_tokens[:, lo:hi].transpose(1, 2)
     if D is None:
-        return dx, ddt, None
-    return dx + dout64 * D.double()[:, None], ddt, (dout64 * x64).sum(dim=(0, 1, 3))
+        return dx, ddt, None, dCB, dB, ddA
+    return dx + dout64 * D.double()[:, None], ddt, (dout64 * x64).sum(dim=(0, 1, 3)), dCB, dB, ddA
+
+
+def pair_grads(*inputs):
+    """``pair_grads_all_heads`` with its ddA per step, as mamba_ssm's kernels and the loop give it."""
+    dx, ddt, dD, dCB, dB, ddAcs = pair_grads_all_heads(*inputs)
+    return dx, ddt, dD, dCB, dB, ddAcs.flip([-1]).cumsum(dim=-1).flip([-1])
 
 
 def random_dx_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
@@ -154,13 +180,14 @@ def check(device="cpu", dtype=torch.float32, seed=0):
 
 
 def check_dx(device="cpu", dtype=torch.float32, seed=0):
-    """The dx prototype against its float64 loop (dx, ddt and dD); returns the worst error."""
+    """The backward's fused passes against their float64 loop (dx, ddt, dD, dCB, dB_states, ddA);
+    returns the worst error."""
     worst = 0.0
     for (batch, seqlen, nheads, p, n, q) in ((2, 100, 3, 16, 16, 32), (1, 64, 2, 16, 32, 64), (1, 37, 1, 16, 16, 16)):
         inputs = random_dx_inputs(batch, seqlen, nheads, p, n, q, 9, device, dtype, torch.Generator().manual_seed(seed))
         if seqlen == 37:  # one shape without the D term
             inputs = (*inputs[:7], None, inputs[8])
-        ours = dx_all_heads(*inputs)
+        ours = pair_grads(*inputs)
         ref = reference_dx(*(None if t is None else t.cpu() for t in inputs))
         for a, r in zip(ours, ref):
             if r is not None:
@@ -213,7 +240,8 @@ def main():
     _, error = _load_triton_scan()  # mamba_ssm's import quirk handled there
     if error:
         sys.exit(f"mamba_ssm's Triton scan is not importable: {error}")
-    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable, _chunk_scan_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_bwd_db
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, _mamba_chunk_scan_combined_bwd
 
     from ssd4rec.ops.ssd_scan_heads import _backward
@@ -231,9 +259,16 @@ def main():
                     lambda: _chunk_scan_fwd(cb, x, dt, dA, BC, states, D=D, seq_idx=seq_idx)[0],
                     lambda: scan_out_all_heads(cb, x, dt, dA, BC, states, D, seq_idx), args.repeats)
         if "dx" in args.passes:  # BC as B, states as dstates; outputs dx, ddt, dD
-            compare(f"chunk {q}, dx pass (_chunk_scan_chunk_state_bwd_dx)",
-                    lambda: _chunk_scan_chunk_state_bwd_dx(x, dt, dA, BC, cb, dout, states, D=D, seq_idx=seq_idx),
-                    lambda: dx_all_heads(*inputs), args.repeats)
+            def theirs():
+                dx, ddt, dD = _chunk_scan_chunk_state_bwd_dx(x, dt, dA, BC, cb, dout, states, D=D,
+                                                             seq_idx=seq_idx)[:3]
+                dCB = _chunk_scan_bwd_dcb(x, dt, dA, dout, seq_idx=seq_idx, ngroups=1)
+                dB, ddA_states = _chunk_state_bwd_db(x, dt, dA, states, seq_idx=seq_idx, B=BC, ngroups=1)
+                return dx, ddt, dD, dCB, dB, _chunk_scan_bwd_ddAcs_stable(x, dt, dA, dout, cb) + ddA_states
+
+            compare(f"chunk {q}, fused backward passes (_chunk_scan_chunk_state_bwd_dx, _chunk_scan_bwd_dcb, "
+                    "_chunk_scan_bwd_ddAcs_stable, _chunk_state_bwd_db: dx, ddt, dD, dCB, dB, ddA)",
+                    theirs, lambda: pair_grads(*inputs), args.repeats)
         if "backward" in args.passes:  # the scan's own inputs, as the model feeds them under bf16 autocast
             x_, dt_, B_, C_ = (torch.randn(args.rows, length, *shape, generator=gen).to("cuda", torch.bfloat16) * scale
                                for shape, scale in (((32, 16), 1.0), ((32,), 0.5), ((1, 64), 0.125), ((1, 64), 1.0)))

@@ -114,6 +114,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds")
     ap.add_argument("--no-sasrec", action="store_true", help="leave RecBole's SASRec out")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", action="append", default=[], metavar="NAME",
+                    help="after the rounds, torch.profiler over --profile-steps steps of this run "
+                         "(a variant's name, default or SASRec); the table goes beside --out")
+    ap.add_argument("--profile-steps", type=int, default=5)
     args = ap.parse_args(argv)
     try:
         variants = dict(parse_variant(v) for v in args.variant)
@@ -122,6 +126,9 @@ def main(argv=None):
     if "default" in variants or "SASRec" in variants:
         ap.error("--variant: 'default' and 'SASRec' are reserved names")
     variants = {"default": {}, **variants}
+    unknown = [n for n in args.profile if n not in variants and not (n == "SASRec" and not args.no_sasrec)]
+    if unknown:
+        ap.error(f"--profile {unknown[0]!r}: not a run of this benchmark ({', '.join(variants)}, SASRec)")
 
     device = torch.device(args.device)
     benchmark.record_env(device)
@@ -163,6 +170,11 @@ def main(argv=None):
                                         peak_gib=max((r["peak_gib"] or 0) for r in runs))
     save(results, args.out)
     print(markdown(results), flush=True)
+    for name in args.profile:
+        path = Path(args.out).with_name(f"{Path(args.out).stem}.profile_{name}.txt")
+        results.setdefault("profiles", {})[name] = benchmark.profile_steps(
+            trainers[name], loaders[name], args.profile_steps, device, path, args.precision)
+        save(results, args.out)
 
 
 if __name__ == "__main__":
