@@ -43,7 +43,7 @@ from bench_scan import packed_seq_idx  # noqa: E402  (scripts/, this file's fold
 
 try:
     import triton
-    from ssd4rec.ops.ssd_scan_heads import pair_grads_all_heads, pair_grads_two_kernels, scan_out_all_heads
+    from ssd4rec.ops.ssd_scan_heads import pair_grads_all_heads, scan_out_all_heads
 except ImportError as err:  # the CPU install has no triton
     if __name__ == "__main__":
         sys.exit(f"bench_scan_heads.py needs triton ({err}); on a CPU: pip install triton, then "
@@ -143,10 +143,9 @@ def reference_dx(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
     return dx + dout64 * D.double()[:, None], ddt, (dout64 * x64).sum(dim=(0, 1, 3)), dCB, dB, ddA
 
 
-def pair_grads(*inputs, impl=pair_grads_all_heads):
-    """``pair_grads_all_heads`` (or impl) with its ddA per step, as mamba_ssm's kernels and the
-    loop give it."""
-    dx, ddt, dD, dCB, dB, ddAcs = impl(*inputs)
+def pair_grads(*inputs):
+    """``pair_grads_all_heads`` with its ddA per step, as mamba_ssm's kernels and the loop give it."""
+    dx, ddt, dD, dCB, dB, ddAcs = pair_grads_all_heads(*inputs)
     return dx, ddt, dD, dCB, dB, ddAcs.flip([-1]).cumsum(dim=-1).flip([-1])
 
 
@@ -188,12 +187,12 @@ def check_dx(device="cpu", dtype=torch.float32, seed=0):
         inputs = random_dx_inputs(batch, seqlen, nheads, p, n, q, 9, device, dtype, torch.Generator().manual_seed(seed))
         if seqlen == 37:  # one shape without the D term
             inputs = (*inputs[:7], None, inputs[8])
+        ours = pair_grads(*inputs)
         ref = reference_dx(*(None if t is None else t.cpu() for t in inputs))
-        for impl in (pair_grads_all_heads, pair_grads_two_kernels):
-            for a, r in zip(pair_grads(*inputs, impl=impl), ref):
-                if r is not None:
-                    assert torch.isfinite(a).all()
-                    worst = max(worst, rel_err(a, r))
+        for a, r in zip(ours, ref):
+            if r is not None:
+                assert torch.isfinite(a).all()
+                worst = max(worst, rel_err(a, r))
     return worst
 
 
@@ -270,8 +269,6 @@ def main():
             compare(f"chunk {q}, fused backward passes (_chunk_scan_chunk_state_bwd_dx, _chunk_scan_bwd_dcb, "
                     "_chunk_scan_bwd_ddAcs_stable, _chunk_state_bwd_db: dx, ddt, dD, dCB, dB, ddA)",
                     theirs, lambda: pair_grads(*inputs), args.repeats)
-            compare(f"chunk {q}, the same from two kernels", theirs,
-                    lambda: pair_grads(*inputs, impl=pair_grads_two_kernels), args.repeats)
         if "backward" in args.passes:  # the scan's own inputs, as the model feeds them under bf16 autocast
             x_, dt_, B_, C_ = (torch.randn(args.rows, length, *shape, generator=gen).to("cuda", torch.bfloat16) * scale
                                for shape, scale in (((32, 16), 1.0), ((32,), 0.5), ((1, 64), 0.125), ((1, 64), 1.0)))

@@ -31,3 +31,24 @@ def test_all_heads_kernel_matches_the_loop(kernel):
                           "--passes", kernel], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{kernel} kernel vs float64 loop" in run.stdout
+
+
+def test_backward_kernel_autotuning_call_equals_later_calls():
+    """The call that autotunes the backward's all-heads kernel runs every config on the real
+    output buffers first; what it returns must equal what later calls (one config, tuned) return.
+    Before dD's partial sums were reset between configs, the autotuning call's dD was wrong
+    whenever a narrower row block had run before the chosen one, so this test catches that only
+    when the autotuner picks a row block wider than the narrowest. GPU only: under the CPU
+    interpreter there is a single config, nothing to autotune."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU: the CPU interpreter runs one config and never autotunes")
+    pytest.importorskip("triton", reason="triton is not installed")
+    module = load_script("bench_scan_heads")
+    from ssd4rec.ops import ssd_scan_heads
+
+    inputs = module.random_dx_inputs(2, 300, 4, 16, 32, 64, 20, "cuda", torch.bfloat16, torch.Generator().manual_seed(3))
+    ssd_scan_heads._pair_grads_all_heads_kernel.cache.clear()  # autotune again, in this call
+    first = ssd_scan_heads.pair_grads_all_heads(*inputs)
+    again = ssd_scan_heads.pair_grads_all_heads(*inputs)
+    for name, a, b in zip(("dx", "ddt", "dD", "dCB", "dB_states", "ddAcs"), first, again):
+        assert torch.equal(a, b), f"{name} differs between the autotuning call and the next"
