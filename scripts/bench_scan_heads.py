@@ -150,8 +150,8 @@ def pair_grads(*inputs):
 
 
 def random_dx_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen):
-    """random_inputs' tensors in the dx pass's roles (C's random tensor serves as B, the states
-    as dstates: the formula is linear in each), plus a random dout."""
+    """random_inputs' tensors in the backward pair pass's roles (C's random tensor serves as B,
+    the states as dstates: the formulas are linear in each), plus a random dout."""
     cb, x, dt, dA, B, dstates, D, seq_idx = random_inputs(batch, seqlen, nheads, p, n, q, mean_len, device, dtype, gen)
     dout = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
     return cb, x, dout, dt, dA, B, dstates, D, seq_idx
@@ -216,7 +216,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="only check the kernels against the loops (CPU: TRITON_INTERPRET=1)")
     ap.add_argument("--passes", nargs="+", default=["fwd", "dx", "backward"],
                     choices=["fwd", "dx", "backward"],
-                    help="fwd, dx: the output pass and the backward's dx pass of ssd4rec.ops.ssd_scan_heads; "
+                    help="fwd, dx: the output pass and the backward's pair pass (dx, dCB, ddA, dB) "
+                         "of ssd4rec.ops.ssd_scan_heads; "
                          "backward: its whole scan backward against mamba_ssm's (GPU only)")
     ap.add_argument("--tokens", type=int, default=245_760)
     ap.add_argument("--rows", type=int, default=2)

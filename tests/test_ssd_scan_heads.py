@@ -1,8 +1,9 @@
 """The all-heads SSD kernels of ``ssd4rec.ops.ssd_scan_heads`` (the forward's output pass and the
-backward's dx pass) against the float64 loops of their formulas in scripts/bench_scan_heads.py: on the GPU where there is one, else under Triton's CPU interpreter. Needs
-triton, which the CPU install does not bring: skipped there. The whole scan with both kernels
-(``ssd_scan(backend="triton_heads")``, values and gradients) is checked against the
-PyTorch scan in tests/test_gpu.py."""
+backward's pass over token pairs: dx, ddt, dD, dCB, dB, ddA) against the float64 loops of their
+formulas in scripts/bench_scan_heads.py: on the GPU where there is one, else under Triton's CPU
+interpreter. Needs triton, which the CPU install does not bring: skipped there. The whole scan
+with both kernels (``ssd_scan(backend="triton_heads")``, values and gradients) is checked
+against the PyTorch scan in tests/test_gpu.py."""
 
 import os
 import subprocess

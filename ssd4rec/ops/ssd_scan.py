@@ -96,7 +96,8 @@ def _load_triton_scan() -> Tuple[Optional[Callable], Optional[str]]:
 @functools.lru_cache(maxsize=1)
 def _load_triton_heads_scan() -> Tuple[Optional[Callable], Optional[str]]:
     """``ssd4rec.ops.ssd_scan_heads.ssd_scan_all_heads`` (mamba_ssm's scan with our all-heads
-    forward output pass), imported once; ``(None, reason)`` where triton or mamba_ssm is missing."""
+    output pass and backward pair kernel), imported once; ``(None, reason)`` where triton or
+    mamba_ssm is missing."""
     fn, reason = _load_triton_scan()  # mamba_ssm's import quirk is handled there, once
     if fn is None:
         return None, reason
@@ -440,8 +441,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         dt_softplus: apply softplus to dt (+ dt_bias).
         dt_limit: clamp range for the processed dt; (0, inf) means no clamp.
         backend: "torch" (this module), "triton" (mamba_ssm, CUDA only), "triton_heads"
-            (mamba_ssm's kernels with the forward output pass of ``ssd_scan_heads``, all heads
-            of a chunk in one program; one group, D of shape (h,), no z) or "auto": Triton
+            (mamba_ssm's kernels with the output pass and the backward's pair gradients of
+            ``ssd_scan_heads``, all heads of a chunk in one program; one group, D of shape
+            (h,), no z) or "auto": Triton
             when x is on CUDA, not float64 (the kernels accumulate in float32) and mamba_ssm
             imports; the PyTorch path otherwise.
 

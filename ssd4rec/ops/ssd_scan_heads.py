@@ -1,5 +1,5 @@
-"""The SSD scan with its forward output pass and its backward dx pass computed for all heads of a
-chunk in one program.
+"""The SSD scan with its forward output pass and the backward's passes over token pairs computed
+for all heads of a chunk in one program.
 
 Why. At SSD4Rec's shapes (32 heads of 16 channels, one group, d_state 64) mamba_ssm's
 ``_chunk_scan_fwd`` runs one Triton program per (chunk, head) with the heads outermost in its
@@ -9,16 +9,17 @@ loops over the heads. On one H100, bf16, at the ML-1M step's shape (245,760 toke
 history 120), it takes 1.04 ms against mamba_ssm's 1.96 ms at chunk 128 and 2.05 against
 2.48 ms at chunk 256 (``scripts/bench_scan_heads.py``, README).
 
-The backward's dx pass, mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` (dx, ddt, dD), the
-largest kernel of a training step, reloaded C·Bᵀ per head in the same way; ``dx_all_heads``
-below loads it once: 1.19 against 3.03 ms at chunk 128, 2.30 against 3.65 at 256, with dx and
-ddt equal to mamba_ssm's bit for bit (same script).
+The backward's largest kernel, mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` (dx, ddt, dD),
+reloaded C·Bᵀ per head in the same way, and three more of its kernels read the same tiles:
+``pair_grads_all_heads`` below does the work of all four in one program per chunk block (4.83
+against 6.31 ms at chunk 128, same script and shape; its formulas are above its kernel).
 
 Everything else is mamba_ssm's: the chunk cumsum, chunk states, state passing and C·Bᵀ in the
-forward, and every other step of the backward, taken in the order of its
-``_mamba_chunk_scan_combined_bwd`` (``_backward``). ``ssd_scan(backend=
-"triton_heads")`` is the entry point; it supports what SSD4Rec uses: one group, D of shape
-(h,) or none, no z, no initial state.
+forward (kept for the backward, which mamba_ssm computes again), and the backward's state
+passing, dstates, dC, C·Bᵀ products and cumsum steps, taken in the order of its
+``_mamba_chunk_scan_combined_bwd`` (``_backward``). ``ssd_scan(backend="triton_heads")`` is
+the entry point; it supports what SSD4Rec uses: one group, D of shape (h,) or none, no z, no
+initial state.
 
 What the kernel computes, for chunk c of a row, rows t and columns s of the chunk, head h:
 
