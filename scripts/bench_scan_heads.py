@@ -5,7 +5,8 @@
   docstring has the formula.
 - ``dx``: the backward's passes over C·Bᵀ in the same module (``pair_grads_all_heads``): dx, ddt
   and dD (mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx``, the largest kernel of a training
-  step), dCB (``_chunk_scan_bwd_dcb``) and ddA (``_chunk_scan_bwd_ddAcs_stable``) in one kernel.
+  step), dCB (``_chunk_scan_bwd_dcb``), ddA (``_chunk_scan_bwd_ddAcs_stable``) and B's gradient
+  through the chunk states (``_chunk_state_bwd_db``) in one kernel.
 - ``backward`` (GPU only): the module's whole scan backward (``_backward``: mamba_ssm's steps
   with ``pair_grads_all_heads``) against mamba_ssm's own ``_mamba_chunk_scan_combined_bwd``.
 

@@ -37,7 +37,7 @@ def test_all_heads_kernel_matches_the_loop(kernel):
 def test_backward_kernel_autotuning_call_equals_later_calls():
     """The call that autotunes the backward's all-heads kernel runs every config on the real
     output buffers first; what it returns must equal what later calls (one config, tuned) return.
-    Before dD's partial sums were reset between configs, the autotuning call's dD was wrong
+    While all of dD's partial-sum slots were summed, the autotuning call's dD was wrong
     whenever a narrower row block had run before the chosen one, so this test catches that only
     when the autotuner picks a row block wider than the narrowest. GPU only: under the CPU
     interpreter there is a single config, nothing to autotune."""

@@ -443,9 +443,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         backend: "torch" (this module), "triton" (mamba_ssm, CUDA only), "triton_heads"
             (mamba_ssm's kernels with the output pass and the backward's pair gradients of
             ``ssd_scan_heads``, all heads of a chunk in one program; one group, D of shape
-            (h,), no z) or "auto": Triton
-            when x is on CUDA, not float64 (the kernels accumulate in float32) and mamba_ssm
-            imports; the PyTorch path otherwise.
+            (h,), no z) or "auto": Triton when x is on CUDA, not float64 (the kernels
+            accumulate in float32) and mamba_ssm imports; the PyTorch path otherwise.
 
     Returns:
         y: (b, l, h, p) in x's dtype.

@@ -171,10 +171,7 @@ def scan_out_all_heads(cb, x, dt, dA, C, states, D, seq_idx):
 #
 #     CB: (b, nchunks, 1, Q, Q) float32; x, dout: (b, l, H, P); dt, dA: (b, H, nchunks, Q) float32
 #     B: (b, l, 1, N); dstates: (b, nchunks, H, P, N); D: (H,); seq: (b, l) int32
-# reset_to_zero: the autotuner runs every config on the real buffers, and a config with narrower
-# row blocks leaves dD partial sums in slots a wider one does not write (seen on the H100: dD
-# off by 1.6, relative, in the call that autotuned).
-@triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"], reset_to_zero=["dD_ptr"])
+@triton.autotune(configs=AUTOTUNE_CONFIGS, key=["NHEADS", "Q", "P", "N"])
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _pair_grads_all_heads_kernel(
     cb_ptr, x_ptr, dout_ptr, dt_ptr, dA_ptr, B_ptr, dst_ptr, D_ptr, seq_ptr,
@@ -285,10 +282,13 @@ def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
     assert dt.stride() == dA.stride() and dout.stride() == x.stride()
     dx = torch.empty_like(x)
     ddt = torch.zeros_like(dt)
-    cols = torch.zeros_like(dt)
-    # per (b, chunk, row block, head) and (b, head, chunk, row block, t); sized for the narrowest
-    # row block any config uses, and only the blocks of the config that ran are read
-    dD_part = torch.zeros(batch, nchunks, triton.cdiv(q, 16), nheads, device=x.device, dtype=torch.float32)
+    cols = torch.empty_like(dt)  # every position written
+    # Partial sums per (b, chunk, row block, head) and (b, head, chunk, row block, t), sized for
+    # the narrowest row block any config uses. Only the blocks of the config that ran are read:
+    # the autotuner runs every config on these buffers, and a config with narrower row blocks
+    # leaves sums in slots a wider one does not write (seen on the H100: dD off by 1.6,
+    # relative, in the call that autotuned, when all of dD_part was summed).
+    dD_part = torch.empty(batch, nchunks, triton.cdiv(q, 16), nheads, device=x.device, dtype=torch.float32)
     rows = torch.empty(batch, nheads, nchunks, triton.cdiv(q, 16), q, device=x.device, dtype=torch.float32)
     dcbT = torch.empty(batch, nchunks, q, q, device=x.device, dtype=torch.float32)
     dB_states = torch.empty(batch, seqlen, 1, n, device=x.device, dtype=torch.float32)
@@ -305,7 +305,7 @@ def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
         HAS_D=D is not None, NHEADS=nheads, Q=q, P=p, N=n)
     blocks = triton.cdiv(q, _pair_grads_all_heads_kernel.best_config.kwargs["BLOCK_M"])
     ddAcs = rows[:, :, :, :blocks].sum(dim=3) + cols
-    dD = dD_part.sum(dim=(0, 1, 2)) if D is not None else None
+    dD = dD_part[:, :, :blocks].sum(dim=(0, 1, 2)) if D is not None else None
     return dx, ddt, dD, dcbT.unsqueeze(2).transpose(-1, -2), dB_states, ddAcs
 
 
