@@ -194,7 +194,26 @@ def check_dx(device="cpu", dtype=torch.float32, seed=0):
             if r is not None:
                 assert torch.isfinite(a).all()
                 worst = max(worst, rel_err(a, r))
+        if batch == 2:  # x read from, and dx written into, slices of wider tensors (as of xBC)
+            worst = max(worst, rel_err(pair_grads_strided(inputs), ref[0]))
     return worst
+
+
+def pair_grads_strided(inputs):
+    """dx of ``pair_grads_all_heads`` with x a slice of a wider tensor and dx written into a slice
+    of another, wider still (offset 3), dout contiguous: three sets of strides. The rest of the wide output
+    must stay untouched."""
+    cb, x, dout, *rest = inputs
+    batch, seqlen, nheads, p = x.shape
+    width = nheads * p
+    wide_x = torch.zeros(batch, seqlen, width + 8, dtype=x.dtype, device=x.device)
+    wide_x[..., :width] = x.flatten(2)
+    wide_dx = torch.full((batch, seqlen, width + 11), float("nan"), dtype=x.dtype, device=x.device)
+    dx = wide_dx[..., 3:3 + width].unflatten(-1, (nheads, p))
+    pair_grads_all_heads(cb, wide_x[..., :width].unflatten(-1, (nheads, p)), dout, *rest, dx=dx)
+    outside = torch.cat([wide_dx[..., :3], wide_dx[..., 3 + width:]], dim=-1)
+    assert outside.isnan().all(), "pair_grads_all_heads wrote outside the dx view"
+    return dx
 
 
 def compare(name, theirs, ours, repeats):

@@ -58,8 +58,8 @@ def external_ops_eager(monkeypatch):
 
         monkeypatch.setattr(module, name, wrapper)
 
-    for module in (mamba2, stateful):
-        watch(module, "ssd_scan")
+    for module, scan in ((mamba2, "ssd_scan_xbc"), (stateful, "ssd_scan")):
+        watch(module, scan)
         watch(module, "causal_conv1d")
     return tracing
 

@@ -201,6 +201,35 @@ def test_all_heads_backend_without_seq_idx_is_one_sequence_per_row():
     assert report("ssd_scan triton_heads no seq_idx out", rel_err(y_heads, y_ref)) < SCAN_TOL[torch.float32][0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ssd_scan_xbc_heads_matches_torch(dtype):
+    """``ssd_scan_xbc``: the convolution's output [x | B | C] as one tensor. With triton_heads
+    the scan takes it whole and writes the gradients of x, B and C into one tensor (and passes
+    states with ``ssd4rec.ops.state_passing``): against the PyTorch scan of the split tensor,
+    the model's shapes, chunk 128, sequences longer than a chunk, outputs and every gradient."""
+    gen = torch.Generator().manual_seed(21)
+    b, l, h, p, n, chunk = 2, 1000, 8, 16, 64, 128
+    base = scan_inputs(b, l, h, p, 1, n, gen, False)
+    xBC = torch.cat([base.pop("x").flatten(2), base.pop("B")[:, :, 0], base.pop("C")[:, :, 0]], dim=-1)
+    seq_idx = random_seq_idx(b, l, gen, mean_len=300).to(DEV)
+    kern = {"xBC": xBC.to(DEV, dtype), "dt": base.pop("dt").to(DEV, dtype), **{k: v.to(DEV) for k, v in base.items()}}
+    kern = {k: v.requires_grad_() for k, v in kern.items()}
+    ref = {k: v.detach().float().requires_grad_() for k, v in kern.items()}
+    kw = dict(headdim=p, chunk_size=chunk, seq_idx=seq_idx, dt_softplus=True)
+    y_k = ssd_mod.ssd_scan_xbc(**kern, backend="triton_heads", **kw)
+    y_r = ssd_mod.ssd_scan_xbc(**ref, backend="torch", **kw)
+    assert y_k.dtype == dtype
+    out_tol, grad_tol = SCAN_TOL[dtype]
+    tag = f"ssd_scan_xbc triton_heads {dtype}"
+    assert report(f"{tag} out", rel_err(y_k, y_r)) < out_tol
+    gy = torch.randn(y_r.shape, generator=gen).to(DEV)
+    g_k = torch.autograd.grad(y_k, list(kern.values()), gy.to(dtype))
+    g_r = torch.autograd.grad(y_r, list(ref.values()), gy)
+    assert g_k[0].shape == xBC.shape and g_k[0].is_contiguous()
+    for name, a, r in zip(kern, g_k, g_r):
+        assert report(f"{tag} d{name}", rel_err(a, r)) < grad_tol, name
+
+
 def test_ssd_scan_auto_picks_triton_on_cuda():
     fn, _ = ssd_mod._load_triton_scan()
     calls = []
@@ -281,10 +310,13 @@ def make_encoder(shared, align, seed=0, backend="auto"):
 LENGTHS = [1, 5, 255, 256, 257, 31, 600, 2, 1000, 3, 511, 80]
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "two_mixers"])
-@pytest.mark.parametrize("align", [False, True], ids=["official", "aligned"])
-def test_encoder_packed_equals_alone_on_gpu(shared, align):
-    encoder = make_encoder(shared, align)
+@pytest.mark.parametrize("shared, align, backend", [(True, False, "auto"), (True, True, "auto"),
+                                                    (False, False, "auto"), (False, True, "auto"),
+                                                    (True, False, "triton_heads")],
+                         ids=["shared-official", "shared-aligned", "two_mixers-official", "two_mixers-aligned",
+                              "shared-official-heads"])
+def test_encoder_packed_equals_alone_on_gpu(shared, align, backend):
+    encoder = make_encoder(shared, align, backend=backend)
     gen = torch.Generator().manual_seed(5)
     lengths = torch.tensor(LENGTHS)
     cu = cu_seqlens_from_lengths(lengths)
@@ -303,14 +335,16 @@ def test_encoder_packed_equals_alone_on_gpu(shared, align):
         (gxb,) = torch.autograd.grad(alone, xb, gy[s:e])
         out_errs.append(rel_err(packed[s:e], alone))
         grad_errs.append(rel_err(gx_packed[s:e], gxb))
-    tag = f"encoder packed-vs-alone shared={shared} align={align}"
+    tag = f"encoder packed-vs-alone shared={shared} align={align} {backend}"
     assert report(f"{tag} out(max over seqs)", max(out_errs)) < ENCODER_TOL[0]
     assert report(f"{tag} dx(max over seqs)", max(grad_errs)) < ENCODER_TOL[1]
 
 
-def test_encoder_triton_matches_torch_backend():
-    """The whole encoder, kernels (auto) vs the pure-PyTorch ops, same weights, fp32."""
-    fast = make_encoder(True, False, backend="auto")
+@pytest.mark.parametrize("backend", ["auto", "triton_heads"])
+def test_encoder_triton_matches_torch_backend(backend):
+    """The whole encoder, kernels (auto: mamba_ssm's scan; triton_heads: ours, with the scan's
+    input and gradient as one xBC tensor) vs the pure-PyTorch ops, same weights, fp32."""
+    fast = make_encoder(True, False, backend=backend)
     slow = make_encoder(True, False, backend="torch")
     slow.load_state_dict(fast.state_dict())
     gen = torch.Generator().manual_seed(6)
@@ -318,16 +352,16 @@ def test_encoder_triton_matches_torch_backend():
     x = torch.randn(int(cu[-1]), 256, generator=gen).to(DEV)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = fast(x1, cu), slow(x2, cu)
-    assert report("encoder auto-vs-torch out", rel_err(y1, y2)) < ENCODER_TOL[0]
+    assert report(f"encoder {backend}-vs-torch out", rel_err(y1, y2)) < ENCODER_TOL[0]
     gy = torch.randn_like(y1)
     (g1,), (g2,) = torch.autograd.grad(y1, x1, gy), torch.autograd.grad(y2, x2, gy)
-    assert report("encoder auto-vs-torch dx", rel_err(g1, g2)) < ENCODER_TOL[1]
+    assert report(f"encoder {backend}-vs-torch dx", rel_err(g1, g2)) < ENCODER_TOL[1]
     p1 = dict(fast.named_parameters())
     grads1 = torch.autograd.grad(fast(x, cu), list(p1.values()), gy)
     p2 = dict(slow.named_parameters())
     grads2 = torch.autograd.grad(slow(x, cu), list(p2.values()), gy)
     worst = max(rel_err(a, b) for a, b in zip(grads1, grads2))
-    assert report("encoder auto-vs-torch dparams(max)", worst) < ENCODER_TOL[1]
+    assert report(f"encoder {backend}-vs-torch dparams(max)", worst) < ENCODER_TOL[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class BiSSDLayer(nn.Module):
         mixer = self.forward_ssd
         projected = mixer.in_proj(x)  # (T, P), once for both directions
         both = torch.stack([projected, reverse_rows(projected, reverse_index)])  # (2, T, P)
-        y, z = self._scan_both(both, seq_idx)
+        y, z = self._scan_both(*mixer.split_projection(both), seq_idx)
         gated = mixer.norm(y, z)
         bwd = reverse_rows(gated[1], reverse_index) if self.align_backward else gated[1]
         combined = gated[0] + self.beta * bwd  # (T, d_inner)
@@ -128,14 +128,13 @@ class BiSSDLayer(nn.Module):
             out = out + (1 + self.beta) * mixer.out_proj.bias
         return out
 
-    def _scan_both(self, both, seq_idx):
+    def _scan_both(self, z, xBC, dt, seq_idx):
         """The shared mixer's conv and scan on both directions at once (eager in either mode).
 
-        both: (2, T, P) in_proj's output, row 1 reversed; seq_idx: (T,) int32
-        -> y: (2, T, d_inner) before the gated norm, z: (2, T, d_inner) its gate
+        z, xBC, dt: (2, T, .) in_proj's output split (``Mamba2Mixer.split_projection``), row 1
+        reversed; seq_idx: (T,) int32 -> y: (2, T, d_inner) before the gated norm, z: its gate
         """
         mixer = self.forward_ssd
-        z, xBC, dt = mixer.split_projection(both)
         seq_idx2 = seq_idx.expand(2, -1)
         return mixer.ssm(mixer.convolve(xBC, seq_idx2), dt, seq_idx2), z
 
@@ -154,7 +153,7 @@ class BiSSDLayer(nn.Module):
         """forward, same maths, the glue compiled: shapes as forward."""
         if not self.shared_directions:  # two whole mixers, eager; the rest compiled
             return bissd_glue.after_mix(self, x, self.mix(x, seq_idx, reverse_index, keep_index), keep_index)
-        y, z = self._scan_both(bissd_glue.both_directions(self, x, reverse_index), seq_idx)
+        y, z = self._scan_both(*bissd_glue.both_directions(self, x, reverse_index), seq_idx)
         return bissd_glue.layer_tail(self, x, y, z, reverse_index, keep_index)
 
 

@@ -13,15 +13,15 @@ call (the CPU tests set "aot_eager").
 
 What is compiled, per layer with shared directions (``BiSSDLayer.mix``'s maths):
 
-  both_directions:  stack(in_proj(x), reverse(in_proj(x)))               (2, T, P)
+  both_directions:  stack(in_proj(x), reverse(in_proj(x))), split        z, xBC, dt: (2, T, .)
   shared_tail:      g = GatedRMSNorm(y, z)                                (2, T, d_inner)
                     m = out_proj((g[0] + beta * bwd(g[1]))[keep])  (+ (1 + beta) * bias)
                     h = Dropout(LN(m + x[keep]))
                     out = Dropout(LN(h + W2 Dropout(GELU(W1 h))))
 
 with bwd the reversal when align_backward, else the identity. Between the two regions,
-eager: the split of the projection, the causal convolution (``ssd4rec.ops.causal_conv1d``)
-and the scan (``ssd4rec.ops.ssd_scan``: mamba_ssm's Triton kernel or our PyTorch scan).
+eager: the causal convolution (``ssd4rec.ops.causal_conv1d``) and the scan
+(``ssd4rec.ops.ssd_scan``: mamba_ssm's Triton kernels, ours, or our PyTorch scan).
 
 Unshared directions (two mixers): each mixer runs eagerly as a whole (``Mamba2Mixer.forward``,
 gated norm and out_proj included) and only what follows the combine is compiled,
@@ -55,12 +55,18 @@ from ssd4rec.modules.compiled_glue import (_dropout, _layer_norm, _linear, _ln, 
 # --------------------------------------------------------------------------------------------
 # The compiled regions: pure functions of tensors and Python numbers
 # --------------------------------------------------------------------------------------------
-def stack_directions(x, reverse_index, in_proj):
-    """x: (T, d_model), reverse_index: (T,), in_proj: (weight, bias) -> (2, T, P): the
-    projection in reading order and with every sequence reversed (in_proj acts per token,
-    so reversing its output is projecting the reversed input)."""
+def stack_directions(x, reverse_index, in_proj, split_sizes):
+    """x: (T, d_model), reverse_index: (T,), in_proj: (weight, bias), split_sizes: the widths of
+    z, xBC and dt -> z, xBC, dt: (2, T, width) each, three tensors of their own: the projection
+    in reading order and with every sequence reversed (in_proj acts per token, so reversing
+    its output is projecting the reversed input).
+
+    Split here rather than after: the backward then reads the three gradients straight into
+    its reversal kernel, where split views would make autograd concatenate them first (one
+    copy of the (2, T, P) gradient per layer)."""
     projected = F.linear(x, *in_proj)
-    return torch.stack([projected, bissd.reverse_rows(projected, reverse_index)])
+    both = torch.stack([projected, bissd.reverse_rows(projected, reverse_index)])
+    return tuple(part.contiguous() for part in torch.split(both, split_sizes, dim=-1))
 
 
 def residual_ffn(x, mixed, keep_index, ln, p, w_1, w_2, ffn_ln, p_ffn):
@@ -117,9 +123,10 @@ def _mark_rows(*tensors):
 
 def both_directions(layer, x, reverse_index):
     """layer: a shared-directions ``BiSSDLayer``; x: (T, d_model) -> in_proj of both reading
-    orders, (2, T, P)."""
+    orders, split: z, xBC, dt: (2, T, width) each."""
     _mark_rows(x, reverse_index)
-    return compiled(stack_directions)(x, reverse_index, _linear(layer.forward_ssd.in_proj))
+    mixer = layer.forward_ssd
+    return compiled(stack_directions)(x, reverse_index, _linear(mixer.in_proj), mixer.projection_widths())
 
 
 def layer_tail(layer, x, y, z, reverse_index, keep_index):

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssd4rec.ops import causal_conv1d, ssd_scan
+from ssd4rec.ops import causal_conv1d
+from ssd4rec.ops.ssd_scan import ssd_scan_xbc
 
 
 # The scan's "triton" backends pair with the causal_conv1d package's CUDA kernel.
@@ -112,11 +113,13 @@ class Mamba2Mixer(nn.Module):
         """u: (b, l, d_model) -> z: (b, l, d_inner), xBC: (b, l, d_inner + 2*ngroups*d_state), dt: (b, l, nheads)"""
         return self.split_projection(self.in_proj(u))
 
+    def projection_widths(self):
+        """The widths of z, xBC and dt in in_proj's output, in that order."""
+        return (self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads)
+
     def split_projection(self, projected):
         """in_proj's output (..., P) -> z, xBC, dt (see project)."""
-        return torch.split(
-            projected, [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads], dim=-1
-        )
+        return torch.split(projected, self.projection_widths(), dim=-1)
 
     def convolve(self, xBC, seq_idx=None):
         """SiLU(causal depthwise conv) of xBC: (b, l, c) -> (b, l, c), never across a seq_idx change."""
@@ -136,16 +139,13 @@ class Mamba2Mixer(nn.Module):
         bias and softplus -> y: (b, l, d_inner), before the gated norm
         """
         batch, length, _ = xBC.shape
-        x, B, C = torch.split(
-            xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
-        )
-        y = ssd_scan(
-            x.reshape(batch, length, self.nheads, self.headdim),
+        y = ssd_scan_xbc(
+            xBC,
             dt,
             -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
-            B.reshape(batch, length, self.ngroups, self.d_state),
-            C.reshape(batch, length, self.ngroups, self.d_state),
+            self.headdim,
             self.chunk_size,
+            ngroups=self.ngroups,
             D=self.D,
             dt_bias=self.dt_bias,
             seq_idx=seq_idx,

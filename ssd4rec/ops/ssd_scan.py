@@ -480,3 +480,36 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
         )
     return ssd_scan_torch(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                           seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+
+def ssd_scan_xbc(xBC: Tensor, dt: Tensor, A: Tensor, headdim: int, chunk_size: int, ngroups: int = 1,
+                 D: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                 seq_idx: Optional[Tensor] = None, dt_softplus: bool = False,
+                 dt_limit: Tuple[float, float] = (0.0, float("inf")), backend: str = "auto") -> Tensor:
+    """``ssd_scan`` on the convolution's output as one tensor, as a Mamba2 mixer holds it.
+
+    xBC: (b, l, h*p + 2*g*n) = [x | B | C]; dt: (b, l, h); the rest as ``ssd_scan`` (no z)
+    -> y: (b, l, h, p).
+
+    With backend "triton_heads" (CUDA, one group) the scan takes xBC whole and its backward
+    writes the gradients of x, B and C into one tensor (``ssd_scan_heads.SSDScanAllHeadsXBC``),
+    where split views would make autograd concatenate them. Every other case splits xBC and
+    runs ``ssd_scan``: same values and gradients.
+    """
+    batch, length, width = xBC.shape
+    nheads = dt.shape[-1]
+    if backend == "triton_heads" and ngroups == 1 and xBC.is_cuda:
+        fn, reason = _load_triton_heads_scan()
+        if fn is None:
+            raise RuntimeError(f"ssd_scan(backend='triton_heads'): the Triton kernels are not available: {reason}")
+        from ssd4rec.ops.ssd_scan_heads import ssd_scan_all_heads_xbc  # importable: fn loaded above
+
+        return ssd_scan_all_heads_xbc(xBC, dt, A, headdim, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx,
+                                      dt_softplus=dt_softplus, dt_limit=dt_limit)
+    d_inner = nheads * headdim
+    d_state = (width - d_inner) // (2 * ngroups)
+    x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
+    return ssd_scan(x.reshape(batch, length, nheads, headdim), dt, A,
+                    B.reshape(batch, length, ngroups, d_state), C.reshape(batch, length, ngroups, d_state),
+                    chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                    dt_limit=dt_limit, backend=backend)

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssd4rec.ops.state_passing import state_passing_bwd, state_passing_fwd
+
 # One config under Triton's CPU interpreter (tests): its autotuner would need a GPU to time.
 # Used by both kernels of this module.
 AUTOTUNE_CONFIGS = ([triton.Config({"BLOCK_M": 16})] if os.environ.get("TRITON_INTERPRET") == "1" else
@@ -179,6 +181,8 @@ def _pair_grads_all_heads_kernel(
     seqlen,
     s_cb_b, s_cb_c, s_cb_m, s_cb_k,
     s_x_b, s_x_l, s_x_h, s_x_p,
+    s_do_b, s_do_l, s_do_h, s_do_p,
+    s_dx_b, s_dx_l, s_dx_h, s_dx_p,
     s_dt_b, s_dt_h, s_dt_c, s_dt_q,
     s_B_b, s_B_l, s_B_n,
     s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
@@ -191,7 +195,8 @@ def _pair_grads_all_heads_kernel(
     NHEADS: tl.constexpr, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One program: BLOCK_M tokens s of one chunk of one batch row, every head. x, dout and dx
-    share x's strides; ddt and cols share dt's; dcbT's rows are the tokens s, its columns t."""
+    have strides of their own (dx may be a slice of a wider gradient buffer); ddt and cols share
+    dt's; dcbT's rows are the tokens s, its columns t."""
     pid_m, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = pid_c * Q
     limit = tl.minimum(Q, seqlen - start)
@@ -222,7 +227,8 @@ def _pair_grads_all_heads_kernel(
         dA_last = tl.load(dA_base + h * s_dt_h + (limit - 1) * s_dt_q)
         dt_m = tl.load(dt_base + h * s_dt_h + offs_m * s_dt_q, mask=m_ok, other=0.0)
         head = pid_b * s_x_b + h * s_x_h
-        dout_k = tl.load(dout_ptr + head + (start + offs_k)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+        dout_head = dout_ptr + pid_b * s_do_b + h * s_do_h
+        dout_k = tl.load(dout_head + (start + offs_k)[:, None] * s_do_l + offs_p[None, :] * s_do_p,
                          mask=k_ok[:, None], other=0.0)
         x_m = tl.load(x_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                       mask=m_ok[:, None], other=0.0)
@@ -241,12 +247,12 @@ def _pair_grads_all_heads_kernel(
                  tl.sum(acc * x_m32, axis=1), mask=m_ok)
         dx = acc * dt_m[:, None]
         if HAS_D:
-            dout_m = tl.load(dout_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+            dout_m = tl.load(dout_head + (start + offs_m)[:, None] * s_do_l + offs_p[None, :] * s_do_p,
                              mask=m_ok[:, None], other=0.0).to(tl.float32)
             dx += dout_m * tl.load(D_ptr + h).to(tl.float32)
             # one partial sum per (program, head): the host adds them, no atomics
             tl.store(dD_ptr + pid_b * s_dD_b + pid_c * s_dD_c + pid_m * s_dD_m + h, tl.sum(tl.sum(dout_m * x_m32, axis=1)))
-        tl.store(dx_ptr + head + (start + offs_m)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+        tl.store(dx_ptr + pid_b * s_dx_b + h * s_dx_h + (start + offs_m)[:, None] * s_dx_l + offs_p[None, :] * s_dx_p,
                  dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
         # The pairs (s, t): dout[t] . x[s] for this head, then dCB's and ddAcs's terms.
         pair = tl.dot(x_m, tl.trans(dout_k)) * decay * dt_m[:, None]                # (BLOCK_M, Q)
@@ -266,9 +272,11 @@ def _pair_grads_all_heads_kernel(
     tl.store(dB_ptr + pid_b * s_dB_b + (start + offs_m)[:, None] * s_dB_l + offs_n[None, :], dB, mask=m_ok[:, None])
 
 
-def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
+def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx, dx=None):
     """The backward's C·Bᵀ passes (formulas above) for one group.
 
+    dx: where to write x's gradient, (b, l, H, P) of any strides (a view into a buffer that
+    holds the gradients of x, B and C side by side), or None for a new tensor.
     Returns dx: (b, l, H, P) in x's dtype; ddt: (b, H, nchunks, Q) float32 (the chunk-local
     part, before mamba_ssm's ``_chunk_cumsum_bwd``); dD: (H,) float32 or None; dCB: (b, nchunks,
     1, Q, Q) float32 as mamba_ssm's ``_chunk_scan_bwd_dcb`` returns it (a transposed view);
@@ -279,8 +287,8 @@ def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
     _, nchunks, groups, q, _ = cb.shape
     n = B.shape[-1]
     assert groups == 1 and B.shape[2] == 1, "one group (SSD4Rec's setting) only"
-    assert dt.stride() == dA.stride() and dout.stride() == x.stride()
-    dx = torch.empty_like(x)
+    assert dt.stride() == dA.stride()
+    dx = torch.empty_like(x) if dx is None else dx
     ddt = torch.zeros_like(dt)
     cols = torch.empty_like(dt)  # every position written
     # Partial sums per (b, chunk, row block, head) and (b, head, chunk, row block, t), sized for
@@ -297,7 +305,7 @@ def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
         cb, x, dout, dt, dA, B, dstates, D if D is not None else x, seq_idx, dx, ddt, dD_part, dcbT, rows, cols,
         dB_states, seqlen,
         cb.stride(0), cb.stride(1), cb.stride(3), cb.stride(4),
-        *x.stride(), *dt.stride(),
+        *x.stride(), *dout.stride(), *dx.stride(), *dt.stride(),
         B.stride(0), B.stride(1), B.stride(3),
         *dstates.stride(), *seq_idx.stride(),
         dD_part.stride(0), dD_part.stride(1), dD_part.stride(2),
@@ -334,8 +342,7 @@ def _chunk_intermediates(x, dt, A, B, C, chunk_size, dt_bias, seq_idx, dt_softpl
     b, c, h, p, n = states.shape
     # float32, as the backward wants them; the output pass rounds them to C's dtype as it loads
     # them, as mamba_ssm's forward stores them (to nearest even either way)
-    states, _ = m._state_passing_fwd(states.reshape(b, c, h, p * n), dA_cs[:, :, :, -1],
-                                     seq_idx=seq_idx, chunk_size=chunk_size)
+    states = state_passing_fwd(states.reshape(b, c, h, p * n), dA_cs[:, :, :, -1], seq_idx, chunk_size)
     CB = m._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
     return dA_cs, dt_proc, CB, states.reshape(b, c, h, p, n)
 
@@ -349,37 +356,41 @@ def _forward(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_li
     return scan_out_all_heads(CB, x, dt_proc, dA_cs, C, states, D, seq_idx), saved
 
 
-def _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit, saved=None):
+def _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit, saved=None,
+              grads_out=(None, None, None)):
     """Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias): the steps of mamba_ssm 2.3.2's
     ``_mamba_chunk_scan_combined_bwd`` for no z, no initial state and one group, with
     ``pair_grads_all_heads`` in place of its ``_chunk_scan_chunk_state_bwd_dx``,
-    ``_chunk_scan_bwd_dcb``, ``_chunk_scan_bwd_ddAcs_stable`` and ``_chunk_state_bwd_db``.
+    ``_chunk_scan_bwd_dcb``, ``_chunk_scan_bwd_ddAcs_stable`` and ``_chunk_state_bwd_db``, and
+    ``ssd4rec.ops.state_passing`` in place of its serial state passing.
 
     saved: ``_chunk_intermediates``' tensors from the forward; None computes them again, as
-    mamba_ssm does.
+    mamba_ssm does. grads_out: tensors to write dx, dB and dC into (views of one buffer, see
+    ``SSDScanAllHeadsXBC``), None for new ones.
     dy, x: (b, l, h, p); dt: (b, l, h); A, D, dt_bias: (h,); B, C: (b, l, 1, n); seq_idx: (b, l)."""
     m = _mamba()
     batch, seqlen, nheads, p = x.shape
     n = B.shape[-1]
-    if dy.stride() != x.stride():  # pair_grads_all_heads reads x and dy with one set of strides
-        x, dy = x.contiguous(), dy.contiguous()
+    dx_out, dB_out, dC_out = grads_out
+    if dy.stride(-1) != 1:  # as mamba_ssm's entry point; every kernel here takes dy's strides
+        dy = dy.contiguous()
     if saved is None:
         saved = _chunk_intermediates(x, dt, A, B, C, chunk_size, dt_bias, seq_idx, dt_softplus, dt_limit)
     dA_cs, dt_proc, CB, states = saved
     nchunks = CB.shape[1]
     # The gradient reaching each chunk's outgoing state, then through the state passing.
     dstates = m._chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=states.dtype)
-    dstates, ddA_chunk_end, _, states = m._state_passing_bwd(
+    dstates, ddA_chunk_end, states = state_passing_bwd(
         states.reshape(batch, nchunks, nheads, p * n), dA_cs[:, :, :, -1],
-        dstates.reshape(batch, nchunks, nheads, p * n), seq_idx=seq_idx,
-        has_initial_states=False, dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size)
+        dstates.reshape(batch, nchunks, nheads, p * n), seq_idx, chunk_size, x.dtype)
     states = states.reshape(batch, nchunks, nheads, p, n)
     dstates = dstates.reshape(batch, nchunks, nheads, p, n)
     dx, ddt_proc, dD, dCB, dB_states, ddAcs_pairs = pair_grads_all_heads(CB, x, dy, dt_proc, dA_cs, B, dstates,
-                                                                         D, seq_idx)
+                                                                         D, seq_idx, dx=dx_out)
     dC_states, ddAcs_into_chunk = m._chunk_scan_bwd_dC(states, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=1)
-    dB = m._bmm_chunk_bwd(C, dCB, residual=dB_states, out=torch.empty_like(B))
-    dC = m._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=torch.empty_like(C))
+    dB = m._bmm_chunk_bwd(C, dCB, residual=dB_states, out=torch.empty_like(B) if dB_out is None else dB_out)
+    dC = m._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states,
+                          out=torch.empty_like(C) if dC_out is None else dC_out)
     # Gradients with respect to the cumulative dA, turned into per-step ones by a reverse
     # cumulative sum (dA_cs[j] is the sum of the steps up to j).
     ddAcs_into_chunk[..., -1] += ddA_chunk_end
@@ -411,6 +422,57 @@ class SSDScanAllHeads(torch.autograd.Function):
         return dx, ddt, dA, dB, dC, None, dD, ddt_bias, None, None, None
 
 
+def _split_xbc(xBC, nheads, headdim):
+    """xBC: (b, l, h*p + 2n), the convolution's output [x | B | C] for one group -> views x: (b, l,
+    h, p), B, C: (b, l, 1, n)."""
+    d_inner = nheads * headdim
+    d_state = (xBC.shape[-1] - d_inner) // 2
+    x, B, C = torch.split(xBC, [d_inner, d_state, d_state], dim=-1)
+    return x.unflatten(-1, (nheads, headdim)), B.unsqueeze(2), C.unsqueeze(2)
+
+
+class SSDScanAllHeadsXBC(torch.autograd.Function):
+    """``SSDScanAllHeads`` on [x | B | C] as one tensor (the convolution's output), so that the
+    backward writes dx, dB and dC side by side into one gradient. Split outside, autograd would
+    concatenate the three: a copy of the whole (b, l, h*p + 2n) gradient per layer, and one
+    more of x, which mamba_ssm's kernels wanted with dy's strides (about 1.9 ms of a 34 ms
+    ML-1M step on the H100, session 14's profile)."""
+
+    @staticmethod
+    def forward(ctx, xBC, dt, A, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit, headdim):
+        x, B, C = _split_xbc(xBC, dt.shape[-1], headdim)
+        y, saved = _forward(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit)
+        ctx.save_for_backward(xBC, dt, A, D, dt_bias, seq_idx, *saved)
+        ctx.settings = (chunk_size, dt_softplus, dt_limit, headdim)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xBC, dt, A, D, dt_bias, seq_idx, *saved = ctx.saved_tensors
+        chunk_size, dt_softplus, dt_limit, headdim = ctx.settings
+        nheads = dt.shape[-1]
+        x, B, C = _split_xbc(xBC, nheads, headdim)
+        dxBC = torch.empty_like(xBC, memory_format=torch.contiguous_format)
+        _, ddt, dA, _, _, dD, ddt_bias = _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus,
+                                                   dt_limit, saved, grads_out=_split_xbc(dxBC, nheads, headdim))
+        return dxBC, ddt, dA, None, dD, ddt_bias, None, None, None, None
+
+
+def _check_supported(ngroups, D):
+    if ngroups != 1:
+        raise ValueError(f"ssd_scan(backend='triton_heads') supports one group (ngroups=1), got "
+                         f"{ngroups}; use backend='triton'")
+    if D is not None and D.dim() != 1:
+        raise ValueError(f"ssd_scan(backend='triton_heads') takes D of shape (h,), got "
+                         f"{tuple(D.shape)}; use backend='triton'")
+
+
+def _seq_idx_or_zeros(seq_idx, shape, device):
+    if seq_idx is None:
+        return torch.zeros(shape, dtype=torch.int32, device=device)
+    return seq_idx.to(torch.int32).contiguous()
+
+
 def ssd_scan_all_heads(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, seq_idx=None,
                        dt_softplus=False, dt_limit=(0.0, float("inf"))):
     """``mamba_chunk_scan_combined``'s signature and result, for what this kernel supports.
@@ -421,17 +483,26 @@ def ssd_scan_all_heads(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
     if z is not None:
         raise ValueError("ssd_scan(backend='triton_heads') does not take z (SSD4Rec gates after "
                          "the scan); use backend='triton'")
-    if B.shape[2] != 1:
-        raise ValueError(f"ssd_scan(backend='triton_heads') supports one group (ngroups=1), got "
-                         f"{B.shape[2]}; use backend='triton'")
-    if D is not None and D.dim() != 1:
-        raise ValueError(f"ssd_scan(backend='triton_heads') takes D of shape (h,), got "
-                         f"{tuple(D.shape)}; use backend='triton'")
-    if seq_idx is None:
-        seq_idx = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+    _check_supported(B.shape[2], D)
     # The layouts mamba_ssm's kernels expect (as in its own entry point).
     B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C))
     if x.stride(-1) != 1 and x.stride(1) != 1:
         x = x.contiguous()
     return SSDScanAllHeads.apply(x, dt, A, B, C, chunk_size, D, dt_bias,
-                                 seq_idx.to(torch.int32).contiguous(), dt_softplus, dt_limit)
+                                 _seq_idx_or_zeros(seq_idx, x.shape[:2], x.device), dt_softplus, dt_limit)
+
+
+def ssd_scan_all_heads_xbc(xBC, dt, A, headdim, chunk_size, D=None, dt_bias=None, seq_idx=None,
+                           dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """``ssd_scan_all_heads`` on the convolution's output [x | B | C] (one group), whose gradient
+    comes back as one tensor (``SSDScanAllHeadsXBC``).
+
+    xBC: (b, l, h*p + 2n); dt: (b, l, h); A: (h,); D: (h,) or None; seq_idx: (b, l) or None
+    -> y: (b, l, h, p).
+    """
+    _check_supported(1, D)
+    if xBC.stride(-1) != 1:
+        xBC = xBC.contiguous()
+    return SSDScanAllHeadsXBC.apply(xBC, dt, A, chunk_size, D, dt_bias,
+                                    _seq_idx_or_zeros(seq_idx, xBC.shape[:2], xBC.device), dt_softplus, dt_limit,
+                                    headdim)
