@@ -7,6 +7,9 @@
   and dD (mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx``, the largest kernel of a training
   step), dCB (``_chunk_scan_bwd_dcb``), ddA (``_chunk_scan_bwd_ddAcs_stable``) and B's gradient
   through the chunk states (``_chunk_state_bwd_db``) in one kernel.
+- ``states``: the backward's pass over the chunk states in the same module
+  (``state_grads_all_heads``): mamba_ssm's ``_chunk_scan_bwd_dstates`` and ``_chunk_scan_bwd_dC``
+  in one kernel.
 - ``backward`` (GPU only): the module's whole scan backward (``_backward``: mamba_ssm's steps
   with ``pair_grads_all_heads``) against mamba_ssm's own ``_mamba_chunk_scan_combined_bwd``.
 
@@ -44,7 +47,7 @@ from bench_scan import packed_seq_idx  # noqa: E402  (scripts/, this file's fold
 
 try:
     import triton
-    from ssd4rec.ops.ssd_scan_heads import pair_grads_all_heads, scan_out_all_heads
+    from ssd4rec.ops.ssd_scan_heads import pair_grads_all_heads, scan_out_all_heads, state_grads_all_heads
 except ImportError as err:  # the CPU install has no triton
     if __name__ == "__main__":
         sys.exit(f"bench_scan_heads.py needs triton ({err}); on a CPU: pip install triton, then "
@@ -144,6 +147,48 @@ def reference_dx(cb, x, dout, dt, dA, B, dstates, D, seq_idx):
     return dx + dout64 * D.double()[:, None], ddt, (dout64 * x64).sum(dim=(0, 1, 3)), dCB, dB, ddA
 
 
+def reference_states(C, dA, dout, states, seq_idx):
+    """``state_grads_all_heads``' formulas as loops over chunks and heads, in float64 ->
+    (dstates, dC_states, ddAcs), with chunk 0's dstates 0 (its state is 0)."""
+    batch, seqlen, nheads, p = dout.shape
+    nchunks, q = dA.shape[2], dA.shape[3]
+    C64, dout64, st64 = C[:, :, 0].double(), dout.double(), states.double()
+    dstates = torch.zeros(states.shape, dtype=torch.float64)
+    dC = torch.zeros(batch, seqlen, C.shape[-1], dtype=torch.float64)
+    ddA = torch.zeros(dA.shape, dtype=torch.float64)
+    for b in range(batch):
+        for c in range(1, nchunks):
+            lo, hi = c * q, min(seqlen, (c + 1) * q)
+            from_prev = (seq_idx[b, lo:hi] == seq_idx[b, lo - 1]).double()
+            for h in range(nheads):
+                scale = from_prev * torch.exp(dA[b, h, c, :hi - lo].double())
+                dstates[b, c, h] = (dout64[b, lo:hi, h] * scale[:, None]).T @ C64[b, lo:hi]
+                dc = (dout64[b, lo:hi, h] @ st64[b, c, h]) * scale[:, None]
+                dC[b, lo:hi] += dc
+                ddA[b, h, c, :hi - lo] = (dc * C64[b, lo:hi]).sum(-1)
+    return dstates, dC[:, :, None], ddA
+
+
+def states_inputs(inputs):
+    """random_dx_inputs' tensors in the state passes' roles (B's random tensor as C, the states
+    as the states entering each chunk) -> C, dA, dout, states, seq_idx."""
+    cb, x, dout, dt, dA, C, states, D, seq_idx = inputs
+    return C, dA, dout, states, seq_idx
+
+
+def check_states(device="cpu", dtype=torch.float32, seed=0):
+    """``state_grads_all_heads`` against its float64 loop; returns the worst error."""
+    worst = 0.0
+    for (batch, seqlen, nheads, p, n, q) in ((2, 100, 3, 16, 16, 32), (1, 200, 2, 16, 32, 64), (1, 37, 1, 16, 16, 16)):
+        inputs = states_inputs(random_dx_inputs(batch, seqlen, nheads, p, n, q, 9, device, dtype,
+                                                torch.Generator().manual_seed(seed)))
+        ours = state_grads_all_heads(*inputs)
+        for a, r in zip(ours, reference_states(*(t.cpu() for t in inputs))):
+            assert torch.isfinite(a).all()
+            worst = max(worst, rel_err(a, r))
+    return worst
+
+
 def pair_grads(*inputs):
     """``pair_grads_all_heads`` with its ddA per step, as mamba_ssm's kernels and the loop give it."""
     dx, ddt, dD, dCB, dB, ddAcs = pair_grads_all_heads(*inputs)
@@ -234,17 +279,17 @@ def compare(name, theirs, ours, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only check the kernels against the loops (CPU: TRITON_INTERPRET=1)")
-    ap.add_argument("--passes", nargs="+", default=["fwd", "dx", "backward"],
-                    choices=["fwd", "dx", "backward"],
-                    help="fwd, dx: the output pass and the backward's pair pass (dx, dCB, ddA, dB) "
-                         "of ssd4rec.ops.ssd_scan_heads; "
+    ap.add_argument("--passes", nargs="+", default=["fwd", "dx", "states", "backward"],
+                    choices=["fwd", "dx", "states", "backward"],
+                    help="fwd, dx, states: the output pass, the backward's pair pass (dx, dCB, ddA, dB) "
+                         "and its state pass (dstates, dC, ddA) of ssd4rec.ops.ssd_scan_heads; "
                          "backward: its whole scan backward against mamba_ssm's (GPU only)")
     ap.add_argument("--tokens", type=int, default=245_760)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, nargs="+", default=[128, 256], dest="chunk_sizes")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    checks = {"fwd": check, "dx": check_dx}
+    checks = {"fwd": check, "dx": check_dx, "states": check_states}
     if args.check or not torch.cuda.is_available():
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("no GPU: run the check with TRITON_INTERPRET=1")
@@ -261,7 +306,8 @@ def main():
     _, error = _load_triton_scan()  # mamba_ssm's import quirk handled there
     if error:
         sys.exit(f"mamba_ssm's Triton scan is not importable: {error}")
-    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable, _chunk_scan_fwd
+    from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable,
+                                                     _chunk_scan_bwd_dstates, _chunk_scan_fwd)
     from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_bwd_db
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, _mamba_chunk_scan_combined_bwd
 
@@ -290,6 +336,17 @@ def main():
             compare(f"chunk {q}, fused backward passes (_chunk_scan_chunk_state_bwd_dx, _chunk_scan_bwd_dcb, "
                     "_chunk_scan_bwd_ddAcs_stable, _chunk_state_bwd_db: dx, ddt, dD, dCB, dB, ddA)",
                     theirs, lambda: pair_grads(*inputs), args.repeats)
+        if "states" in args.passes:  # BC as C, states as the states entering each chunk
+            C_s, dA_s, dout_s, states_s, seq_s = states_inputs(inputs)
+            states_s = states_s.float()
+
+            def theirs_states():
+                dstates = _chunk_scan_bwd_dstates(C_s, dA_s, dout_s, seq_idx=seq_s, dtype=torch.float32)
+                dstates[:, 0] = 0  # the state entering chunk 0 is 0; ours leaves its gradient 0
+                return (dstates, *_chunk_scan_bwd_dC(states_s, dA_s, dout_s, seq_idx=seq_s, C=C_s, ngroups=1))
+
+            compare(f"chunk {q}, state passes (_chunk_scan_bwd_dstates, _chunk_scan_bwd_dC: dstates, dC, ddA)",
+                    theirs_states, lambda: state_grads_all_heads(C_s, dA_s, dout_s, states_s, seq_s), args.repeats)
         if "backward" in args.passes:  # the scan's own inputs, as the model feeds them under bf16 autocast
             x_, dt_, B_, C_ = (torch.randn(args.rows, length, *shape, generator=gen).to("cuda", torch.bfloat16) * scale
                                for shape, scale in (((32, 16), 1.0), ((32,), 0.5), ((1, 64), 0.125), ((1, 64), 1.0)))

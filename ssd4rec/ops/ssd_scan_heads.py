@@ -317,6 +317,95 @@ def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx, dx=None):
     return dx, ddt, dD, dcbT.unsqueeze(2).transpose(-1, -2), dB_states, ddAcs
 
 
+# --------------------------------------------------------------------------------------------
+# The backward's passes over the chunk states, for all heads of a chunk in one program
+# --------------------------------------------------------------------------------------------
+# mamba_ssm's ``_chunk_scan_bwd_dstates`` (one program per chunk and head) and
+# ``_chunk_scan_bwd_dC`` (programs per chunk and token block) both read dout, the decays and C
+# for the C term of the output, y[t] += [seq(t) == seq(start - 1)] exp(dA[h, t]) C[t] .
+# state_in[c, h]. With from_prev[t] = [seq(t) == seq(start - 1)] and c > 0 (the state entering
+# chunk 0 is 0, and so is its gradient's use):
+#
+#     scale[h, t]        = from_prev[t] exp(dA[h, t])
+#     dstate_in[c, h]    = sum_t scale[h, t] dout[t, h]^T C[t]                      (P, N)
+#     dC_states[t]       = sum_h scale[h, t] dout[t, h] . state_in[c, h]            (N,)
+#     ddAcs_in[h, t]     = scale[h, t] (dout[t, h] . state_in[c, h]) . C[t]
+#
+# dstate_in feeds the state passing's backward, which no longer has to run first: dC reads
+# the forward's states, kept. As mamba_ssm, the scaled dout and the states are rounded to
+# dout's dtype before their dots.
+#
+#     C: (b, l, 1, N); dA: (b, H, nchunks, Q) float32; dout: (b, l, H, P);
+#     states: (b, nchunks, H, P, N) float32; seq: (b, l) int32
+@triton.autotune(configs=[triton.Config({}, num_warps=4)] if os.environ.get("TRITON_INTERPRET") == "1" else
+                 [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
+                 key=["NHEADS", "Q", "P", "N"])
+@triton.jit(do_not_specialize=UNSPECIALIZED)
+def _state_grads_all_heads_kernel(
+    C_ptr, dA_ptr, dout_ptr, st_ptr, seq_ptr, dst_ptr, dC_ptr, ddA_ptr,
+    seqlen,
+    s_C_b, s_C_l, s_C_n,
+    s_dA_b, s_dA_h, s_dA_c, s_dA_q,
+    s_do_b, s_do_l, s_do_h, s_do_p,
+    s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
+    s_seq_b, s_seq_l,
+    s_dC_b, s_dC_l,
+    NHEADS: tl.constexpr, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+):
+    """One program: one chunk of one batch row, every head. dstates shares states' strides, ddA
+    dA's; dC is (b, l, N) with unit stride over N."""
+    pid_c, pid_b = tl.program_id(0), tl.program_id(1)
+    start = pid_c * Q
+    limit = tl.minimum(Q, seqlen - start)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, P)
+    offs_n = tl.arange(0, N)
+    q_ok = offs_q < limit
+    c_rows = tl.load(C_ptr + pid_b * s_C_b + (start + offs_q)[:, None] * s_C_l + offs_n[None, :] * s_C_n,
+                     mask=q_ok[:, None], other=0.0)
+    seq_q = tl.load(seq_ptr + pid_b * s_seq_b + (start + offs_q) * s_seq_l, mask=q_ok, other=-1)
+    seq_prev = tl.load(seq_ptr + pid_b * s_seq_b + (start - 1) * s_seq_l, mask=pid_c > 0, other=-2)
+    from_prev = (seq_q == seq_prev) & (pid_c > 0)
+    dC = tl.zeros((Q, N), dtype=tl.float32)
+    for h in range(0, NHEADS):
+        dA = tl.load(dA_ptr + pid_b * s_dA_b + h * s_dA_h + pid_c * s_dA_c + offs_q * s_dA_q, mask=q_ok, other=0.0)
+        scale = tl.where(from_prev, tl.exp(dA), 0.0)
+        dout = tl.load(dout_ptr + pid_b * s_do_b + h * s_do_h + (start + offs_q)[:, None] * s_do_l
+                       + offs_p[None, :] * s_do_p, mask=q_ok[:, None], other=0.0)
+        scaled = (dout.to(tl.float32) * scale[:, None]).to(dout.dtype)
+        state_base = pid_b * s_st_b + pid_c * s_st_c + h * s_st_h + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n
+        tl.store(dst_ptr + state_base, tl.dot(tl.trans(scaled), c_rows.to(dout.dtype)))         # (P, N)
+        dc = tl.dot(dout, tl.load(st_ptr + state_base).to(dout.dtype)) * scale[:, None]        # (Q, N)
+        dC += dc
+        tl.store(ddA_ptr + pid_b * s_dA_b + h * s_dA_h + pid_c * s_dA_c + offs_q * s_dA_q,
+                 tl.sum(dc * c_rows.to(tl.float32), axis=1))
+    tl.store(dC_ptr + pid_b * s_dC_b + (start + offs_q)[:, None] * s_dC_l + offs_n[None, :], dC, mask=q_ok[:, None])
+
+
+def state_grads_all_heads(C, dA, dout, states, seq_idx):
+    """The backward's passes over the chunk states (formulas above) for one group.
+
+    C: (b, l, 1, N); dA: (b, H, nchunks, Q) float32; dout: (b, l, H, P); states: (b, nchunks, H,
+    P, N), the states entering each chunk; seq_idx: (b, l) int32. Returns dstates: (b, nchunks,
+    H, P, N) float32, the gradient of the state entering each chunk (mamba_ssm's
+    ``_chunk_scan_bwd_dstates``, except 0 at chunk 0, whose state is 0); dC_states: (b, l, 1, N)
+    float32 and ddAcs: (b, H, nchunks, Q) float32 (``_chunk_scan_bwd_dC``).
+    """
+    batch, seqlen, nheads, p = dout.shape
+    _, _, nchunks, q = dA.shape
+    n = C.shape[-1]
+    assert C.shape[2] == 1, "one group (SSD4Rec's setting) only"
+    states = states if states.is_contiguous() else states.contiguous()
+    dstates = torch.empty_like(states, dtype=torch.float32)
+    dC = torch.empty(batch, seqlen, 1, n, device=C.device, dtype=torch.float32)
+    ddA = torch.empty_like(dA)
+    _state_grads_all_heads_kernel[(nchunks, batch)](
+        C, dA, dout, states, seq_idx, dstates, dC, ddA, seqlen,
+        C.stride(0), C.stride(1), C.stride(3), *dA.stride(), *dout.stride(), *states.stride(), *seq_idx.stride(),
+        dC.stride(0), dC.stride(1), NHEADS=nheads, Q=q, P=p, N=n)
+    return dstates, dC, ddA
+
+
 def _mamba():
     """mamba_ssm.ops.triton.ssd_combined, imported through ``ssd_scan._load_triton_scan`` (which
     handles mamba_ssm's import quirk). Not at the top of this file, so that the kernel above can
@@ -361,8 +450,10 @@ def _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, 
     """Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias): the steps of mamba_ssm 2.3.2's
     ``_mamba_chunk_scan_combined_bwd`` for no z, no initial state and one group, with
     ``pair_grads_all_heads`` in place of its ``_chunk_scan_chunk_state_bwd_dx``,
-    ``_chunk_scan_bwd_dcb``, ``_chunk_scan_bwd_ddAcs_stable`` and ``_chunk_state_bwd_db``, and
-    ``ssd4rec.ops.state_passing`` in place of its serial state passing.
+    ``_chunk_scan_bwd_dcb``, ``_chunk_scan_bwd_ddAcs_stable`` and ``_chunk_state_bwd_db``,
+    ``state_grads_all_heads`` in place of its ``_chunk_scan_bwd_dstates`` and
+    ``_chunk_scan_bwd_dC``, and ``ssd4rec.ops.state_passing`` in place of its serial state
+    passing.
 
     saved: ``_chunk_intermediates``' tensors from the forward; None computes them again, as
     mamba_ssm does. grads_out: tensors to write dx, dB and dC into (views of one buffer, see
@@ -378,16 +469,15 @@ def _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, 
         saved = _chunk_intermediates(x, dt, A, B, C, chunk_size, dt_bias, seq_idx, dt_softplus, dt_limit)
     dA_cs, dt_proc, CB, states = saved
     nchunks = CB.shape[1]
-    # The gradient reaching each chunk's outgoing state, then through the state passing.
-    dstates = m._chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=states.dtype)
-    dstates, ddA_chunk_end, states = state_passing_bwd(
+    # The C term's gradients: of the state entering each chunk, of C, of the decays; then the
+    # state gradients through the state passing.
+    dstates, dC_states, ddAcs_into_chunk = state_grads_all_heads(C, dA_cs, dy, states, seq_idx)
+    dstates, ddA_chunk_end = state_passing_bwd(
         states.reshape(batch, nchunks, nheads, p * n), dA_cs[:, :, :, -1],
         dstates.reshape(batch, nchunks, nheads, p * n), seq_idx, chunk_size, x.dtype)
-    states = states.reshape(batch, nchunks, nheads, p, n)
     dstates = dstates.reshape(batch, nchunks, nheads, p, n)
     dx, ddt_proc, dD, dCB, dB_states, ddAcs_pairs = pair_grads_all_heads(CB, x, dy, dt_proc, dA_cs, B, dstates,
                                                                          D, seq_idx, dx=dx_out)
-    dC_states, ddAcs_into_chunk = m._chunk_scan_bwd_dC(states, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=1)
     dB = m._bmm_chunk_bwd(C, dCB, residual=dB_states, out=torch.empty_like(B) if dB_out is None else dB_out)
     dC = m._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states,
                           out=torch.empty_like(C) if dC_out is None else dC_out)

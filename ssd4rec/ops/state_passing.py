@@ -100,7 +100,7 @@ def _state_passing_fwd_kernel(
 @triton.autotune(configs=AUTOTUNE_CONFIGS, key=["dim"])
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _state_passing_bwd_kernel(
-    out_ptr, dout_ptr, dA_ptr, seq_ptr, du_ptr, ddA_ptr, out_cast_ptr,
+    out_ptr, dout_ptr, dA_ptr, seq_ptr, du_ptr, ddA_ptr,
     dim, nchunks, seqlen, chunk_size,
     s_out_b, s_out_c, s_out_h, s_out_d,
     s_dout_b, s_dout_c, s_dout_h, s_dout_d,
@@ -110,13 +110,12 @@ def _state_passing_bwd_kernel(
     BLOCK_DIM: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     """One program: one row, one head, BLOCK_DIM channels, every chunk from the last, CHUNKS at a
-    time. du and out_cast share out's strides; ddA gets this program's channels' partial sum."""
+    time. du shares out's strides; ddA gets this program's channels' partial sum."""
     pid_d, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     d_ok = offs_d < dim
     out_base = out_ptr + pid_b * s_out_b + pid_h * s_out_h + offs_d[None, :] * s_out_d
     du_base = du_ptr + pid_b * s_out_b + pid_h * s_out_h + offs_d[None, :] * s_out_d
-    cast_base = out_cast_ptr + pid_b * s_out_b + pid_h * s_out_h + offs_d[None, :] * s_out_d
     dout_base = dout_ptr + pid_b * s_dout_b + pid_h * s_dout_h + offs_d[None, :] * s_dout_d
     dA_base = dA_ptr + pid_b * s_dA_b + pid_h * s_dA_h
     seq_base = seq_ptr + pid_b * s_seq_b
@@ -136,7 +135,6 @@ def _state_passing_bwd_kernel(
         grads = local + decay_from_start * carry[None, :]  # D[chunk]
         tl.store(du_base + chunk[:, None] * s_out_c, grads.to(du_ptr.dtype.element_ty), mask=mask)
         out = tl.load(out_base + chunk[:, None] * s_out_c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(cast_base + chunk[:, None] * s_out_c, out.to(out_cast_ptr.dtype.element_ty), mask=mask)
         a = _decay(dA_base, seq_base, chunk, nchunks, seqlen, chunk_size, s_dA_c, s_seq_l)
         tl.store(ddA_base + chunk * s_ddA_c, a * tl.sum(grads * out, axis=1), mask=c_ok)
         # Before the first chunk a = 0 and dout = 0, so the tile's last row keeps D[first chunk].
@@ -160,20 +158,18 @@ def state_passing_bwd(out, dA_last, dout, seq_idx, chunk_size, dtype):
     """The backward of ``state_passing_fwd`` with no final-state gradient.
 
     out: (b, nchunks, h, dim) its result; dout: its gradient, same shape; dtype: of the returned
-    du and out_cast. Returns du: (b, nchunks, h, dim), the gradient of each chunk's own state;
-    ddA_last: (b, h, nchunks) float32; out_cast: out in ``dtype`` (what the dC pass reads), as
-    mamba_ssm's ``_state_passing_bwd`` returns them with states_dtype = dstates_dtype = dtype.
+    du. Returns du: (b, nchunks, h, dim), the gradient of each chunk's own state, and ddA_last:
+    (b, h, nchunks) float32, as mamba_ssm's ``_state_passing_bwd`` with dstates_dtype = dtype.
     """
     batch, nchunks, nheads, dim = out.shape
     assert dout.shape == out.shape and dA_last.shape == (batch, nheads, nchunks)
     out = out if out.stride(-1) == 1 else out.contiguous()
     du = torch.empty_like(out, dtype=dtype)
-    out_cast = torch.empty_like(out, dtype=dtype)
-    assert du.stride() == out.stride() == out_cast.stride()
+    assert du.stride() == out.stride()
     blocks = triton.cdiv(dim, BLOCK_DIM)
     ddA_part = torch.empty(batch, nheads, nchunks, blocks, device=out.device, dtype=torch.float32)
     _state_passing_bwd_kernel[(blocks, batch, nheads)](
-        out, dout, dA_last, seq_idx, du, ddA_part, out_cast, dim, nchunks, seq_idx.shape[1], chunk_size,
+        out, dout, dA_last, seq_idx, du, ddA_part, dim, nchunks, seq_idx.shape[1], chunk_size,
         *out.stride(), *dout.stride(), *dA_last.stride(), *seq_idx.stride(),
         ddA_part.stride(0), ddA_part.stride(1), ddA_part.stride(2), BLOCK_DIM=BLOCK_DIM)
-    return du, ddA_part.sum(dim=-1), out_cast
+    return du, ddA_part.sum(dim=-1)
