@@ -47,7 +47,8 @@ from bench_scan import packed_seq_idx  # noqa: E402  (scripts/, this file's fold
 
 try:
     import triton
-    from ssd4rec.ops.ssd_scan_heads import pair_grads_all_heads, scan_out_all_heads, state_grads_all_heads
+    from ssd4rec.ops.ssd_scan_heads import (chunk_states_all_heads, pair_grads_all_heads, scan_out_all_heads,
+                                            state_grads_all_heads)
 except ImportError as err:  # the CPU install has no triton
     if __name__ == "__main__":
         sys.exit(f"bench_scan_heads.py needs triton ({err}); on a CPU: pip install triton, then "
@@ -169,6 +170,38 @@ def reference_states(C, dA, dout, states, seq_idx):
     return dstates, dC[:, :, None], ddA
 
 
+def reference_chunk_states(x, B, dt, dA, seq_idx):
+    """``chunk_states_all_heads``' formula as a loop over chunks, in float64 -> (b, nchunks, H, P, N)."""
+    batch, seqlen, nheads, p = x.shape
+    nchunks, q = dt.shape[2], dt.shape[3]
+    x64, B64 = x.double(), B[:, :, 0].double()
+    states = torch.zeros(batch, nchunks, nheads, p, B.shape[-1], dtype=torch.float64)
+    for c in range(nchunks):
+        lo, hi = c * q, min(seqlen, (c + 1) * q)
+        a = dA[:, :, c, :hi - lo].double()                                       # (b, h, s)
+        reaches = (seq_idx[:, lo:hi] == seq_idx[:, hi - 1:hi]).double()          # (b, s)
+        scale = torch.exp(torch.clamp(a[..., -1:] - a, max=0.0)) * dt[:, :, c, :hi - lo].double() * reaches[:, None]
+        states[:, c] = torch.einsum("bhs,bshp,bsn->bhpn", scale, x64[:, lo:hi], B64[:, lo:hi])
+    return states
+
+
+def check_chunk_states(device="cpu", dtype=torch.float32, seed=0):
+    """``chunk_states_all_heads`` against its float64 loop; returns the worst error."""
+    worst = 0.0
+    for (batch, seqlen, nheads, p, n, q) in ((2, 100, 3, 16, 16, 32), (1, 200, 2, 16, 32, 64), (1, 37, 1, 16, 16, 16)):
+        cb, x, dt, dA, B, states, D, seq_idx = random_inputs(batch, seqlen, nheads, p, n, q, 9, device, dtype,
+                                                             torch.Generator().manual_seed(seed))
+        ours = chunk_states_all_heads(x, B, dt, dA, seq_idx)
+        assert torch.isfinite(ours).all() and ours.dtype == torch.float32
+        worst = max(worst, rel_err(ours, reference_chunk_states(*(t.cpu() for t in (x, B, dt, dA, seq_idx)))))
+        # x a slice of a wider tensor, as the scan reads it from [x | B | C]
+        wide = torch.zeros(batch, seqlen, nheads * p + 5, dtype=x.dtype, device=x.device)
+        wide[..., 2:2 + nheads * p] = x.flatten(2)
+        strided = chunk_states_all_heads(wide[..., 2:2 + nheads * p].unflatten(-1, (nheads, p)), B, dt, dA, seq_idx)
+        assert torch.equal(strided, ours)
+    return worst
+
+
 def states_inputs(inputs):
     """random_dx_inputs' tensors in the state passes' roles (B's random tensor as C, the states
     as the states entering each chunk) -> C, dA, dout, states, seq_idx."""
@@ -279,17 +312,18 @@ def compare(name, theirs, ours, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only check the kernels against the loops (CPU: TRITON_INTERPRET=1)")
-    ap.add_argument("--passes", nargs="+", default=["fwd", "dx", "states", "backward"],
-                    choices=["fwd", "dx", "states", "backward"],
-                    help="fwd, dx, states: the output pass, the backward's pair pass (dx, dCB, ddA, dB) "
-                         "and its state pass (dstates, dC, ddA) of ssd4rec.ops.ssd_scan_heads; "
+    ap.add_argument("--passes", nargs="+", default=["chunk_states", "fwd", "dx", "states", "backward"],
+                    choices=["chunk_states", "fwd", "dx", "states", "backward"],
+                    help="chunk_states, fwd, dx, states: the forward's chunk states and output pass, the "
+                         "backward's pair pass (dx, dCB, ddA, dB) and its state pass (dstates, dC, ddA) of "
+                         "ssd4rec.ops.ssd_scan_heads; "
                          "backward: its whole scan backward against mamba_ssm's (GPU only)")
     ap.add_argument("--tokens", type=int, default=245_760)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, nargs="+", default=[128, 256], dest="chunk_sizes")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    checks = {"fwd": check, "dx": check_dx, "states": check_states}
+    checks = {"chunk_states": check_chunk_states, "fwd": check, "dx": check_dx, "states": check_states}
     if args.check or not torch.cuda.is_available():
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("no GPU: run the check with TRITON_INTERPRET=1")
@@ -308,7 +342,7 @@ def main():
         sys.exit(f"mamba_ssm's Triton scan is not importable: {error}")
     from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable,
                                                      _chunk_scan_bwd_dstates, _chunk_scan_fwd)
-    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_bwd_db
+    from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_bwd_db, _chunk_state_fwd
     from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, _mamba_chunk_scan_combined_bwd
 
     from ssd4rec.ops.ssd_scan_heads import _backward
@@ -321,6 +355,10 @@ def main():
     for q in args.chunk_sizes:
         inputs = random_dx_inputs(args.rows, length, 32, 16, 64, q, 120, "cuda", torch.bfloat16, gen)
         cb, x, dout, dt, dA, BC, states, D, seq_idx = inputs
+        if "chunk_states" in args.passes:  # BC as B
+            compare(f"chunk {q}, chunk states (_chunk_state_fwd)",
+                    lambda: _chunk_state_fwd(BC, x, dt, dA, seq_idx=seq_idx, states_in_fp32=True),
+                    lambda: chunk_states_all_heads(x, BC, dt, dA, seq_idx), args.repeats)
         if "fwd" in args.passes:  # BC as C, states as the states entering each chunk
             compare(f"chunk {q}, output pass (_chunk_scan_fwd)",
                     lambda: _chunk_scan_fwd(cb, x, dt, dA, BC, states, D=D, seq_idx=seq_idx)[0],

@@ -1,8 +1,9 @@
-"""The all-heads SSD kernels of ``ssd4rec.ops.ssd_scan_heads`` (the forward's output pass, the
-backward's pass over token pairs: dx, ddt, dD, dCB, dB, ddA, and its pass over the chunk states:
-dstates, dC, ddA) against the float64 loops of their formulas in scripts/bench_scan_heads.py: on
-the GPU where there is one, else under Triton's CPU interpreter. Needs triton, which the CPU install does not bring: skipped there. The whole scan
-with both kernels (``ssd_scan(backend="triton_heads")``, values and gradients) is checked
+"""The all-heads SSD kernels of ``ssd4rec.ops.ssd_scan_heads`` (the forward's chunk states and
+output pass; the backward's pass over token pairs: dx, ddt, dD, dCB, dB, ddA; its pass over the
+chunk states: dstates, dC, ddA) against the float64 loops of their formulas in
+scripts/bench_scan_heads.py: on the GPU where there is one, else under Triton's CPU
+interpreter. Needs triton, which the CPU install does not bring: skipped there. The whole scan
+with these kernels (``ssd_scan(backend="triton_heads")``, values and gradients) is checked
 against the PyTorch scan in tests/test_gpu.py."""
 
 import os
@@ -18,12 +19,14 @@ from tests.script_support import load_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("kernel", ["fwd", "dx", "states"], ids=["output_pass", "dx_pass", "state_pass"])
+@pytest.mark.parametrize("kernel", ["chunk_states", "fwd", "dx", "states"],
+                         ids=["chunk_states", "output_pass", "dx_pass", "state_pass"])
 def test_all_heads_kernel_matches_the_loop(kernel):
     pytest.importorskip("triton", reason="triton is not installed (CPU install): the kernels need it")
     if torch.cuda.is_available():
         module = load_script("bench_scan_heads")
-        checks = {"fwd": module.check, "dx": module.check_dx, "states": module.check_states}
+        checks = {"chunk_states": module.check_chunk_states, "fwd": module.check, "dx": module.check_dx,
+                  "states": module.check_states}
         assert checks[kernel]("cuda") < module.TOLERANCE["cuda"]
         return
     # The interpreter must be on before triton is first imported (triton.language's own jit

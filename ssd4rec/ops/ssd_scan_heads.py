@@ -238,7 +238,8 @@ def _pair_grads_all_heads_kernel(
                       mask=m_ok[:, None], other=0.0)
         # min(., 0): below the diagonal the difference is positive and masked anyway (see the forward)
         decay = tl.where(causal, tl.exp(tl.minimum(dA_k[None, :] - dA_m[:, None], 0.0)), 0.0)
-        acc = tl.dot((cbT * decay).to(dout_k.dtype), dout_k)                        # (BLOCK_M, P)
+        weights = (cbT * decay).to(dout_k.dtype)                                      # (BLOCK_M, Q)
+        acc = tl.dot(weights, dout_k)                                                # (BLOCK_M, P)
         dstate = tl.load(dst_ptr + pid_b * s_st_b + pid_c * s_st_c + h * s_st_h
                          + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p)   # (N, P)
         to_end = tl.where(reaches_end, tl.exp(tl.minimum(dA_last - dA_m, 0.0)), 0.0)
@@ -247,8 +248,8 @@ def _pair_grads_all_heads_kernel(
         x_m32 = x_m.to(tl.float32)
         dB += tl.dot(x_m, tl.trans(dstate.to(x_m.dtype))) * (to_end * dt_m)[:, None]  # (BLOCK_M, N)
         E = tl.sum(from_state * x_m32, axis=1) * dt_m                                # (BLOCK_M,)
-        tl.store(ddt_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q,
-                 tl.sum(acc * x_m32, axis=1), mask=m_ok)
+        ddt = tl.sum(acc * x_m32, axis=1)                                           # (BLOCK_M,)
+        tl.store(ddt_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q, ddt, mask=m_ok)
         dx = acc * dt_m[:, None]
         if HAS_D:
             dout_m = tl.load(dout_head + (start + offs_m)[:, None] * s_do_l + offs_p[None, :] * s_do_p,
@@ -258,16 +259,17 @@ def _pair_grads_all_heads_kernel(
             tl.store(dD_ptr + pid_b * s_dD_b + pid_c * s_dD_c + pid_m * s_dD_m + h, tl.sum(tl.sum(dout_m * x_m32, axis=1)))
         tl.store(dx_ptr + pid_b * s_dx_b + h * s_dx_h + (start + offs_m)[:, None] * s_dx_l + offs_p[None, :] * s_dx_p,
                  dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
-        # The pairs (s, t): dout[t] . x[s] for this head, then dCB's and ddAcs's terms.
-        pair = tl.dot(x_m, tl.trans(dout_k)) * decay * dt_m[:, None]                # (BLOCK_M, Q)
-        dcbT += pair
-        pair *= cbT
-        # ddAcs at t: this block's part of sum_s M[s, t] and of sum_s E[s] (the host adds the
-        # blocks); at s: the whole of -sum_t M[s, t] - E[s], since every t is in this program.
+        # dCB's term for this head: dout[t] . x[s] over the pairs (s, t).
+        dcbT += tl.dot(x_m, tl.trans(dout_k)) * decay * dt_m[:, None]              # (BLOCK_M, Q)
+        # ddAcs at t: this block's part of sum_s M[s, t] = dout[t] . sum_s weights[s, t] dt[s]
+        # x[s] and of sum_s E[s] (the host adds the blocks); at s: the whole of -sum_t M[s, t]
+        # - E[s] = -dt[s] ddt[s], since every t is in this program. Dots and sums over P
+        # instead of sums over the (BLOCK_M, Q) pairs, which cost a quarter of the kernel.
+        y_block = tl.dot(tl.trans(weights), (x_m32 * dt_m[:, None]).to(x_m.dtype))  # (Q, P)
         tl.store(rows_ptr + pid_b * s_rw_b + h * s_rw_h + pid_c * s_rw_c + pid_m * s_rw_m + offs_k,
-                 tl.sum(pair, axis=0) + tl.where(offs_k == limit - 1, tl.sum(E), 0.0))
+                 tl.sum(y_block * dout_k.to(tl.float32), axis=1) + tl.where(offs_k == limit - 1, tl.sum(E), 0.0))
         tl.store(cols_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q,
-                 -tl.sum(pair, axis=1) - E, mask=offs_m < Q)
+                 -ddt * dt_m, mask=offs_m < Q)
     # C·Bᵀ is 0 across sequences whatever C and B are, so its gradient there is 0 too. Rows and
     # columns past the row's end hold 0 (x and dout were loaded as 0 there).
     dcbT = tl.where(seq_m[:, None] == seq_k[None, :], dcbT, 0.0)
@@ -410,6 +412,82 @@ def state_grads_all_heads(C, dA, dout, states, seq_idx):
     return dstates, dC, ddA
 
 
+# --------------------------------------------------------------------------------------------
+# The forward's chunk states, for all heads of a chunk in one program
+# --------------------------------------------------------------------------------------------
+# mamba_ssm's ``_chunk_state_fwd`` runs one program per (chunk, head) and so reloads each chunk's
+# B for every head. The state a chunk passes on is built from the tokens of its last token's
+# sequence only (an earlier sequence's state never leaves the chunk):
+#
+#     scale[h, s]  = [seq(s) == seq(last)] exp(min(dA[h, last] - dA[h, s], 0)) dt[h, s]
+#     u[c, h]      = sum_s (scale[h, s] x[s, h])^T B[s]                              (P, N)
+#
+# The scaled x is rounded to x's dtype before the dot; mamba_ssm scales and rounds B instead
+# (the same single rounding of a product, on the narrower operand: Q x P against Q x N).
+#
+#     x: (b, l, H, P); B: (b, l, 1, N); dt, dA: (b, H, nchunks, Q) float32; seq: (b, l) int32
+@triton.autotune(configs=[triton.Config({}, num_warps=4)] if os.environ.get("TRITON_INTERPRET") == "1" else
+                 [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)],
+                 key=["NHEADS", "Q", "P", "N"])
+@triton.jit(do_not_specialize=UNSPECIALIZED)
+def _chunk_states_all_heads_kernel(
+    x_ptr, B_ptr, dt_ptr, dA_ptr, seq_ptr, st_ptr,
+    seqlen,
+    s_x_b, s_x_l, s_x_h, s_x_p,
+    s_B_b, s_B_l, s_B_n,
+    s_dt_b, s_dt_h, s_dt_c, s_dt_q,
+    s_st_b, s_st_c, s_st_h, s_st_p, s_st_n,
+    s_seq_b, s_seq_l,
+    NHEADS: tl.constexpr, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+):
+    """One program: one chunk of one batch row, every head. dA shares dt's strides."""
+    pid_c, pid_b = tl.program_id(0), tl.program_id(1)
+    start = pid_c * Q
+    limit = tl.minimum(Q, seqlen - start)
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, P)
+    offs_n = tl.arange(0, N)
+    q_ok = offs_q < limit
+    b_rows = tl.load(B_ptr + pid_b * s_B_b + (start + offs_q)[:, None] * s_B_l + offs_n[None, :] * s_B_n,
+                     mask=q_ok[:, None], other=0.0)
+    seq_q = tl.load(seq_ptr + pid_b * s_seq_b + (start + offs_q) * s_seq_l, mask=q_ok, other=-1)
+    seq_last = tl.load(seq_ptr + pid_b * s_seq_b + (start + limit - 1) * s_seq_l)
+    reaches_end = seq_q == seq_last
+    dt_base = dt_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    dA_base = dA_ptr + pid_b * s_dt_b + pid_c * s_dt_c
+    for h in range(0, NHEADS):
+        dA_q = tl.load(dA_base + h * s_dt_h + offs_q * s_dt_q, mask=q_ok, other=0.0)
+        dA_last = tl.load(dA_base + h * s_dt_h + (limit - 1) * s_dt_q)
+        dt_q = tl.load(dt_base + h * s_dt_h + offs_q * s_dt_q, mask=q_ok, other=0.0)
+        scale = tl.where(reaches_end, tl.exp(tl.minimum(dA_last - dA_q, 0.0)) * dt_q, 0.0)
+        x_q = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + (start + offs_q)[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                      mask=q_ok[:, None], other=0.0)
+        scaled = (x_q.to(tl.float32) * scale[:, None]).to(x_q.dtype)
+        state = tl.dot(tl.trans(scaled), b_rows.to(x_q.dtype))                               # (P, N)
+        tl.store(st_ptr + pid_b * s_st_b + pid_c * s_st_c + h * s_st_h + offs_p[:, None] * s_st_p
+                 + offs_n[None, :] * s_st_n, state)
+
+
+def chunk_states_all_heads(x, B, dt, dA, seq_idx):
+    """Each chunk's own state (formula above): mamba_ssm's ``_chunk_state_fwd`` with
+    ``states_in_fp32=True``, for one group.
+
+    x: (b, l, H, P); B: (b, l, 1, N); dt, dA: (b, H, nchunks, Q) float32 with equal strides;
+    seq_idx: (b, l) int32 -> states: (b, nchunks, H, P, N) float32, contiguous.
+    """
+    batch, seqlen, nheads, p = x.shape
+    _, _, nchunks, q = dt.shape
+    n = B.shape[-1]
+    assert B.shape[2] == 1, "one group (SSD4Rec's setting) only"
+    assert dt.stride() == dA.stride()
+    states = torch.empty(batch, nchunks, nheads, p, n, device=x.device, dtype=torch.float32)
+    _chunk_states_all_heads_kernel[(nchunks, batch)](
+        x, B, dt, dA, seq_idx, states, seqlen,
+        *x.stride(), B.stride(0), B.stride(1), B.stride(3), *dt.stride(), *states.stride(), *seq_idx.stride(),
+        NHEADS=nheads, Q=q, P=p, N=n)
+    return states
+
+
 def _mamba():
     """mamba_ssm.ops.triton.ssd_combined, imported through ``ssd_scan._load_triton_scan`` (which
     handles mamba_ssm's import quirk). Not at the top of this file, so that the kernel above can
@@ -431,7 +509,7 @@ def _chunk_intermediates(x, dt, A, B, C, chunk_size, dt_bias, seq_idx, dt_softpl
     m = _mamba()
     dA_cs, dt_proc = m._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                          dt_limit=dt_limit)
-    states = m._chunk_state_fwd(B, x, dt_proc, dA_cs, seq_idx=seq_idx, states_in_fp32=True)
+    states = chunk_states_all_heads(x, B, dt_proc, dA_cs, seq_idx)
     b, c, h, p, n = states.shape
     # float32, as the backward wants them; the output pass rounds them to C's dtype as it loads
     # them, as mamba_ssm's forward stores them (to nearest even either way)
