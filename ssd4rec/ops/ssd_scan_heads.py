@@ -15,12 +15,14 @@ reloaded C·Bᵀ per head in the same way, and three more of its kernels read th
 against 6.31 ms at chunk 128, same script and shape; its formulas are above its kernel).
 
 ``state_grads_all_heads`` does the same for the backward's two passes over the chunk states
-(mamba_ssm's ``_chunk_scan_bwd_dstates`` and ``_chunk_scan_bwd_dC``: 0.52 against 1.29 ms), and
+(mamba_ssm's ``_chunk_scan_bwd_dstates`` and ``_chunk_scan_bwd_dC``: 0.52 against 1.29 ms),
+``chunk_states_all_heads`` for the forward's chunk states (``_chunk_state_fwd``, which reloads
+B per head: 0.27 against 0.68 ms at chunk 128, 0.37 against 0.79 at chunk 64), and
 ``ssd4rec.ops.state_passing`` replaces the serial state passing in both directions.
 
-Everything else is mamba_ssm's: the chunk cumsum, chunk states and C·Bᵀ in the forward (kept
-for the backward, which mamba_ssm computes again), and the backward's C·Bᵀ products and cumsum
-steps, taken in the order of its ``_mamba_chunk_scan_combined_bwd`` (``_backward``).
+Everything else is mamba_ssm's: the chunk cumsum and C·Bᵀ in the forward (kept, with the
+states, for the backward, which mamba_ssm computes again), and the backward's C·Bᵀ products
+and cumsum steps, taken in the order of its ``_mamba_chunk_scan_combined_bwd`` (``_backward``).
 ``ssd_scan(backend="triton_heads")`` and ``ssd_scan_xbc`` (which takes [x | B | C] whole and
 returns its gradient as one tensor) are the entry points; they support what SSD4Rec uses: one
 group, D of shape (h,) or none, no z, no initial state.
@@ -238,8 +240,7 @@ def _pair_grads_all_heads_kernel(
                       mask=m_ok[:, None], other=0.0)
         # min(., 0): below the diagonal the difference is positive and masked anyway (see the forward)
         decay = tl.where(causal, tl.exp(tl.minimum(dA_k[None, :] - dA_m[:, None], 0.0)), 0.0)
-        weights = (cbT * decay).to(dout_k.dtype)                                      # (BLOCK_M, Q)
-        acc = tl.dot(weights, dout_k)                                                # (BLOCK_M, P)
+        acc = tl.dot((cbT * decay).to(dout_k.dtype), dout_k)                        # (BLOCK_M, P)
         dstate = tl.load(dst_ptr + pid_b * s_st_b + pid_c * s_st_c + h * s_st_h
                          + offs_n[:, None] * s_st_n + offs_p[None, :] * s_st_p)   # (N, P)
         to_end = tl.where(reaches_end, tl.exp(tl.minimum(dA_last - dA_m, 0.0)), 0.0)
@@ -248,8 +249,8 @@ def _pair_grads_all_heads_kernel(
         x_m32 = x_m.to(tl.float32)
         dB += tl.dot(x_m, tl.trans(dstate.to(x_m.dtype))) * (to_end * dt_m)[:, None]  # (BLOCK_M, N)
         E = tl.sum(from_state * x_m32, axis=1) * dt_m                                # (BLOCK_M,)
-        ddt = tl.sum(acc * x_m32, axis=1)                                           # (BLOCK_M,)
-        tl.store(ddt_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q, ddt, mask=m_ok)
+        tl.store(ddt_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q,
+                 tl.sum(acc * x_m32, axis=1), mask=m_ok)
         dx = acc * dt_m[:, None]
         if HAS_D:
             dout_m = tl.load(dout_head + (start + offs_m)[:, None] * s_do_l + offs_p[None, :] * s_do_p,
@@ -259,17 +260,22 @@ def _pair_grads_all_heads_kernel(
             tl.store(dD_ptr + pid_b * s_dD_b + pid_c * s_dD_c + pid_m * s_dD_m + h, tl.sum(tl.sum(dout_m * x_m32, axis=1)))
         tl.store(dx_ptr + pid_b * s_dx_b + h * s_dx_h + (start + offs_m)[:, None] * s_dx_l + offs_p[None, :] * s_dx_p,
                  dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
-        # dCB's term for this head: dout[t] . x[s] over the pairs (s, t).
-        dcbT += tl.dot(x_m, tl.trans(dout_k)) * decay * dt_m[:, None]              # (BLOCK_M, Q)
-        # ddAcs at t: this block's part of sum_s M[s, t] = dout[t] . sum_s weights[s, t] dt[s]
-        # x[s] and of sum_s E[s] (the host adds the blocks); at s: the whole of -sum_t M[s, t]
-        # - E[s] = -dt[s] ddt[s], since every t is in this program. Dots and sums over P
-        # instead of sums over the (BLOCK_M, Q) pairs, which cost a quarter of the kernel.
-        y_block = tl.dot(tl.trans(weights), (x_m32 * dt_m[:, None]).to(x_m.dtype))  # (Q, P)
+        # The pairs (s, t): dout[t] . x[s] for this head, then dCB's and ddAcs's terms.
+        pair = tl.dot(x_m, tl.trans(dout_k)) * decay * dt_m[:, None]                # (BLOCK_M, Q)
+        dcbT += pair
+        # ddAcs's terms take the pairs in float32, both from the same values: the reverse
+        # cumulative sum that turns them into ddA cancels the large sums of its rows against
+        # those of its columns, so any rounding one side does and the other does not is left
+        # over. (Session 16 tried the rows from bf16 dots and the columns from ddt, which saved
+        # a quarter of the kernel's time: the whole backward's ddt, dA and ddt_bias then
+        # differed from mamba_ssm's by 0.06 to 0.8, relative, in bf16.)
+        pair *= cbT
+        # ddAcs at t: this block's part of sum_s M[s, t] and of sum_s E[s] (the host adds the
+        # blocks); at s: the whole of -sum_t M[s, t] - E[s], since every t is in this program.
         tl.store(rows_ptr + pid_b * s_rw_b + h * s_rw_h + pid_c * s_rw_c + pid_m * s_rw_m + offs_k,
-                 tl.sum(y_block * dout_k.to(tl.float32), axis=1) + tl.where(offs_k == limit - 1, tl.sum(E), 0.0))
+                 tl.sum(pair, axis=0) + tl.where(offs_k == limit - 1, tl.sum(E), 0.0))
         tl.store(cols_ptr + pid_b * s_dt_b + pid_c * s_dt_c + h * s_dt_h + offs_m * s_dt_q,
-                 -ddt * dt_m, mask=offs_m < Q)
+                 -tl.sum(pair, axis=1) - E, mask=offs_m < Q)
     # C·Bᵀ is 0 across sequences whatever C and B are, so its gradient there is 0 too. Rows and
     # columns past the row's end hold 0 (x and dout were loaded as 0 there).
     dcbT = tl.where(seq_m[:, None] == seq_k[None, :], dcbT, 0.0)
@@ -501,7 +507,8 @@ def _mamba():
 
 
 def _chunk_intermediates(x, dt, A, B, C, chunk_size, dt_bias, seq_idx, dt_softplus, dt_limit):
-    """mamba_ssm's forward steps before the output pass (no initial state, one group).
+    """The forward's steps before the output pass (no initial state, one group): mamba_ssm's
+    chunk cumsum and C·Bᵀ, our chunk states and state passing.
 
     Returns dA_cs, dt_proc: (b, h, nchunks, q) float32; CB: (b, nchunks, 1, q, q) float32;
     states: (b, nchunks, h, p, n) float32, the state entering each chunk.
