@@ -343,6 +343,26 @@ def test_all_heads_backend_on_cpu_tensors_says_so():
         ssd_scan(*args, 8, backend="triton_heads")
 
 
+def test_auto_picks_the_all_heads_kernels_only_where_they_apply(monkeypatch):
+    """ssd_scan_xbc's 'auto': the all-heads kernels on CUDA for one group, D per head, not
+    float64, when they import; otherwise what ssd_scan's 'auto' picks."""
+    pick = ssd_mod.uses_all_heads_kernels
+    d_heads, d_channels = torch.ones(4), torch.ones(4, 16)
+    monkeypatch.setattr(ssd_mod, "_load_triton_heads_scan", lambda: (object(), None))
+    assert pick("auto", True, torch.bfloat16, 1, d_heads)
+    assert pick("auto", True, torch.float32, 1, None)
+    assert pick("triton_heads", True, torch.float32, 1, d_heads)
+    assert not pick("auto", False, torch.float32, 1, d_heads)       # CPU: the PyTorch scan
+    assert not pick("auto", True, torch.float64, 1, d_heads)        # the kernels accumulate in float32
+    assert not pick("auto", True, torch.float32, 2, d_heads)        # one group only
+    assert not pick("auto", True, torch.float32, 1, d_channels)     # D per head only
+    assert not pick("triton", True, torch.float32, 1, d_heads)
+    assert not pick("torch", True, torch.float32, 1, d_heads)
+    monkeypatch.setattr(ssd_mod, "_load_triton_heads_scan", lambda: (None, "no triton"))
+    assert not pick("auto", True, torch.float32, 1, d_heads)        # falls back to mamba_ssm's or PyTorch
+    assert pick("triton_heads", True, torch.float32, 1, d_heads)    # asked for: the loader's error is raised
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: Triton vs this reference (skipped on CPU-only machines)
 # --------------------------------------------------------------------------------------------

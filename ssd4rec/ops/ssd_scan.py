@@ -482,6 +482,22 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
                           seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit)
 
 
+def uses_all_heads_kernels(backend: str, is_cuda: bool, dtype: torch.dtype, ngroups: int,
+                           D: Optional[Tensor]) -> bool:
+    """Whether ``ssd_scan_xbc`` runs ``ssd_scan_heads``' kernels: when asked ("triton_heads", on
+    CUDA with one group; other cases go on to ``ssd_scan``, which explains what is missing), or
+    for "auto" on CUDA wherever they apply (one group, D of shape (h,) or none, not float64)
+    and import. They compute what mamba_ssm's do (tested on the GPU), and an ML-1M step is about
+    0.6x as long with them (README, session 16). ``ssd_scan``'s own "auto" keeps mamba_ssm's
+    kernels: its other callers (LinRec's attention, the lifelong mixer) were not measured."""
+    if not is_cuda or ngroups != 1:
+        return False
+    if backend == "triton_heads":
+        return True
+    return (backend == "auto" and dtype != torch.float64 and (D is None or D.dim() == 1)
+            and _load_triton_heads_scan()[0] is not None)
+
+
 def ssd_scan_xbc(xBC: Tensor, dt: Tensor, A: Tensor, headdim: int, chunk_size: int, ngroups: int = 1,
                  D: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
                  seq_idx: Optional[Tensor] = None, dt_softplus: bool = False,
@@ -491,14 +507,14 @@ def ssd_scan_xbc(xBC: Tensor, dt: Tensor, A: Tensor, headdim: int, chunk_size: i
     xBC: (b, l, h*p + 2*g*n) = [x | B | C]; dt: (b, l, h); the rest as ``ssd_scan`` (no z)
     -> y: (b, l, h, p).
 
-    With backend "triton_heads" (CUDA, one group) the scan takes xBC whole and its backward
-    writes the gradients of x, B and C into one tensor (``ssd_scan_heads.SSDScanAllHeadsXBC``),
-    where split views would make autograd concatenate them. Every other case splits xBC and
-    runs ``ssd_scan``: same values and gradients.
+    With backend "triton_heads", or "auto" where those kernels apply (``uses_all_heads_kernels``),
+    the scan takes xBC whole and its backward writes the gradients of x, B and C into one tensor
+    (``ssd_scan_heads.SSDScanAllHeadsXBC``), where split views would make autograd concatenate
+    them. Every other case splits xBC and runs ``ssd_scan``: same values and gradients.
     """
     batch, length, width = xBC.shape
     nheads = dt.shape[-1]
-    if backend == "triton_heads" and ngroups == 1 and xBC.is_cuda:
+    if uses_all_heads_kernels(backend, xBC.is_cuda, xBC.dtype, ngroups, D):
         fn, reason = _load_triton_heads_scan()
         if fn is None:
             raise RuntimeError(f"ssd_scan(backend='triton_heads'): the Triton kernels are not available: {reason}")
