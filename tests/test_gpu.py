@@ -181,7 +181,8 @@ def test_ssd_scan_triton_other_class_and_options():
 
 
 def test_all_heads_backend_refuses_what_its_kernel_does_not_do():
-    """One group, D of shape (h,), no z: anything else is a clear error, not a wrong result."""
+    """One group, D of shape (h,), no z, tile-sized dimensions: anything else is a clear error,
+    not a wrong result or a Triton compile error."""
     gen = torch.Generator().manual_seed(5)
     for groups, d_shape, with_z, match in ((2, "h", False, "one group"), (1, "hp", False, "D of shape"),
                                            (1, "h", True, "does not take z")):
@@ -190,6 +191,10 @@ def test_all_heads_backend_refuses_what_its_kernel_does_not_do():
             t["D"] = torch.randn(8, 16, device=DEV)
         with pytest.raises(ValueError, match=match):
             ssd_scan(**t, chunk_size=64, backend="triton_heads")
+    # sizes its tiles cannot take (LifelongRec's headdim 25), which backend="auto" leaves to mamba_ssm
+    t = {k: v.to(DEV) for k, v in scan_inputs(1, 100, 4, 25, 1, 32, gen, False).items()}
+    with pytest.raises(ValueError, match="powers of two"):
+        ssd_scan(**t, chunk_size=64, backend="triton_heads")
 
 
 def test_all_heads_backend_without_seq_idx_is_one_sequence_per_row():

@@ -346,7 +346,9 @@ def test_all_heads_backend_on_cpu_tensors_says_so():
 def test_auto_picks_the_all_heads_kernels_only_where_they_apply(monkeypatch):
     """ssd_scan_xbc's 'auto': the all-heads kernels on CUDA for one group, D per head, not
     float64, when they import; otherwise what ssd_scan's 'auto' picks."""
-    pick = ssd_mod.uses_all_heads_kernels
+    def pick(backend, is_cuda, dtype, ngroups, D, headdim=16, d_state=64, chunk_size=64):
+        return ssd_mod.uses_all_heads_kernels(backend, is_cuda, dtype, ngroups, D, headdim, d_state, chunk_size)
+
     d_heads, d_channels = torch.ones(4), torch.ones(4, 16)
     monkeypatch.setattr(ssd_mod, "_load_triton_heads_scan", lambda: (object(), None))
     assert pick("auto", True, torch.bfloat16, 1, d_heads)
@@ -358,6 +360,12 @@ def test_auto_picks_the_all_heads_kernels_only_where_they_apply(monkeypatch):
     assert not pick("auto", True, torch.float32, 1, d_channels)     # D per head only
     assert not pick("triton", True, torch.float32, 1, d_heads)
     assert not pick("torch", True, torch.float32, 1, d_heads)
+    # sizes their tiles cannot take: LifelongRec's headdim 25, a d_state or chunk under 16
+    assert not pick("auto", True, torch.float32, 1, d_heads, headdim=25)
+    assert not pick("auto", True, torch.float32, 1, d_heads, d_state=8)
+    assert not pick("auto", True, torch.float32, 1, d_heads, chunk_size=8)
+    assert not pick("auto", True, torch.float32, 1, d_heads, chunk_size=32)  # not run on a GPU yet
+    assert pick("auto", True, torch.float32, 1, d_heads, headdim=32, d_state=32, chunk_size=256)
     monkeypatch.setattr(ssd_mod, "_load_triton_heads_scan", lambda: (None, "no triton"))
     assert not pick("auto", True, torch.float32, 1, d_heads)        # falls back to mamba_ssm's or PyTorch
     assert pick("triton_heads", True, torch.float32, 1, d_heads)    # asked for: the loader's error is raised

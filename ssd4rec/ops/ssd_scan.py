@@ -482,19 +482,30 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
                           seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit)
 
 
+def all_heads_shapes_supported(headdim: int, d_state: int, chunk_size: int) -> bool:
+    """Whether ``ssd_scan_heads``' kernels take these sizes: each is a whole tile dimension of
+    theirs (``tl.arange``, ``tl.dot``), so a power of two of at least 16."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (headdim, d_state, chunk_size))
+
+
 def uses_all_heads_kernels(backend: str, is_cuda: bool, dtype: torch.dtype, ngroups: int,
-                           D: Optional[Tensor]) -> bool:
+                           D: Optional[Tensor], headdim: int, d_state: int, chunk_size: int) -> bool:
     """Whether ``ssd_scan_xbc`` runs ``ssd_scan_heads``' kernels: when asked ("triton_heads", on
-    CUDA with one group; other cases go on to ``ssd_scan``, which explains what is missing), or
-    for "auto" on CUDA wherever they apply (one group, D of shape (h,) or none, not float64)
-    and import. They compute what mamba_ssm's do (tested on the GPU), and an ML-1M step is about
-    0.6x as long with them (README, session 16). ``ssd_scan``'s own "auto" keeps mamba_ssm's
-    kernels: its other callers (LinRec's attention, the lifelong mixer) were not measured."""
+    CUDA with one group; they raise a ValueError for sizes they do not take, and other cases go
+    on to ``ssd_scan``, which explains what is missing), or for "auto" on CUDA wherever they
+    apply (one group, D of shape (h,) or none, not float64, ``all_heads_shapes_supported``,
+    chunk_size at least 64) and import. They compute what mamba_ssm's do (tested on the GPU),
+    and an ML-1M step is about 0.6x as long with them (README, session 16). ``ssd_scan``'s own
+    "auto" keeps mamba_ssm's kernels: its other callers (LinRec's attention, the lifelong
+    mixer's stateful scan) were not measured."""
     if not is_cuda or ngroups != 1:
         return False
     if backend == "triton_heads":
         return True
+    # chunk >= 64: the chunk sizes their GPU tests and measurements cover (64 to 256); smaller
+    # ones pass the interpreter's checks but have not run on a GPU.
     return (backend == "auto" and dtype != torch.float64 and (D is None or D.dim() == 1)
+            and all_heads_shapes_supported(headdim, d_state, chunk_size) and chunk_size >= 64
             and _load_triton_heads_scan()[0] is not None)
 
 
@@ -514,7 +525,9 @@ def ssd_scan_xbc(xBC: Tensor, dt: Tensor, A: Tensor, headdim: int, chunk_size: i
     """
     batch, length, width = xBC.shape
     nheads = dt.shape[-1]
-    if uses_all_heads_kernels(backend, xBC.is_cuda, xBC.dtype, ngroups, D):
+    d_inner = nheads * headdim
+    d_state = (width - d_inner) // (2 * ngroups)
+    if uses_all_heads_kernels(backend, xBC.is_cuda, xBC.dtype, ngroups, D, headdim, d_state, chunk_size):
         fn, reason = _load_triton_heads_scan()
         if fn is None:
             raise RuntimeError(f"ssd_scan(backend='triton_heads'): the Triton kernels are not available: {reason}")
@@ -522,8 +535,6 @@ def ssd_scan_xbc(xBC: Tensor, dt: Tensor, A: Tensor, headdim: int, chunk_size: i
 
         return ssd_scan_all_heads_xbc(xBC, dt, A, headdim, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx,
                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
-    d_inner = nheads * headdim
-    d_state = (width - d_inner) // (2 * ngroups)
     x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
     return ssd_scan(x.reshape(batch, length, nheads, headdim), dt, A,
                     B.reshape(batch, length, ngroups, d_state), C.reshape(batch, length, ngroups, d_state),

@@ -637,7 +637,13 @@ class SSDScanAllHeadsXBC(torch.autograd.Function):
         return dxBC, ddt, dA, None, dD, ddt_bias, None, None, None, None
 
 
-def _check_supported(ngroups, D):
+def _check_supported(ngroups, D, headdim, d_state, chunk_size):
+    from ssd4rec.ops.ssd_scan import all_heads_shapes_supported
+
+    if not all_heads_shapes_supported(headdim, d_state, chunk_size):
+        raise ValueError(f"ssd_scan(backend='triton_heads') needs headdim, d_state and chunk_size "
+                         f"to be powers of two of at least 16 (its kernels' tiles), got {headdim}, "
+                         f"{d_state} and {chunk_size}; use backend='triton'")
     if ngroups != 1:
         raise ValueError(f"ssd_scan(backend='triton_heads') supports one group (ngroups=1), got "
                          f"{ngroups}; use backend='triton'")
@@ -662,7 +668,7 @@ def ssd_scan_all_heads(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
     if z is not None:
         raise ValueError("ssd_scan(backend='triton_heads') does not take z (SSD4Rec gates after "
                          "the scan); use backend='triton'")
-    _check_supported(B.shape[2], D)
+    _check_supported(B.shape[2], D, x.shape[-1], B.shape[-1], chunk_size)
     # The layouts mamba_ssm's kernels expect (as in its own entry point).
     B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (B, C))
     if x.stride(-1) != 1 and x.stride(1) != 1:
@@ -679,7 +685,7 @@ def ssd_scan_all_heads_xbc(xBC, dt, A, headdim, chunk_size, D=None, dt_bias=None
     xBC: (b, l, h*p + 2n); dt: (b, l, h); A: (h,); D: (h,) or None; seq_idx: (b, l) or None
     -> y: (b, l, h, p).
     """
-    _check_supported(1, D)
+    _check_supported(1, D, headdim, (xBC.shape[-1] - dt.shape[-1] * headdim) // 2, chunk_size)
     if xBC.stride(-1) != 1:
         xBC = xBC.contiguous()
     return SSDScanAllHeadsXBC.apply(xBC, dt, A, chunk_size, D, dt_bias,
