@@ -345,7 +345,8 @@ def test_all_heads_backend_on_cpu_tensors_says_so():
 
 def test_auto_picks_the_all_heads_kernels_only_where_they_apply(monkeypatch):
     """ssd_scan_xbc's 'auto': the all-heads kernels on CUDA for one group, D per head, not
-    float64, when they import; otherwise what ssd_scan's 'auto' picks."""
+    float64, sizes their tiles take and chunks run on a GPU, when they import; otherwise what
+    ssd_scan's 'auto' picks."""
     def pick(backend, is_cuda, dtype, ngroups, D, headdim=16, d_state=64, chunk_size=64):
         return ssd_mod.uses_all_heads_kernels(backend, is_cuda, dtype, ngroups, D, headdim, d_state, chunk_size)
 
