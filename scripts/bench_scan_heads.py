@@ -1,6 +1,8 @@
 """Issue #4: SSD scan passes with all heads of a chunk in one program, checked and timed.
 
-- ``fwd``: the output pass of ``ssd4rec.ops.ssd_scan_heads`` (``backend: triton_heads``), which
+- ``chunk_states``: the forward's chunk states of ``ssd4rec.ops.ssd_scan_heads``
+  (``chunk_states_all_heads``): mamba_ssm 2.3.2's ``_chunk_state_fwd`` with fp32 states.
+- ``fwd``: the output pass of the same module (``backend: triton_heads``), which
   computes mamba_ssm 2.3.2's ``_chunk_scan_fwd`` output (no z, one group, D per head); its
   docstring has the formula.
 - ``dx``: the backward's passes over C·Bᵀ in the same module (``pair_grads_all_heads``): dx, ddt
