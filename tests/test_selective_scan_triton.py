@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.script_support import load_script
+from tests.script_support import load_script, run_script_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 ss = importlib.import_module("ssd4rec.ops.selective_scan")
@@ -33,10 +33,7 @@ def test_triton_core_matches_the_float64_loop():
         module = load_script("bench_selective_scan")
         assert module.check("cuda") < module.TOLERANCE["cuda"]
         return
-    # The interpreter must be on before triton is first imported: a fresh process.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_selective_scan.py"), "--check"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = run_script_interpreted("bench_selective_scan", "--check")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Triton selective scan vs float64 loop (cpu)" in run.stdout
     assert "selective_scan(backend='triton') vs backend='torch'" in run.stdout

@@ -6,17 +6,10 @@ interpreter. Needs triton, which the CPU install does not bring: skipped there. 
 with these kernels (``ssd_scan(backend="triton_heads")``, values and gradients) is checked
 against the PyTorch scan in tests/test_gpu.py."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.script_support import load_script
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_support import load_script, run_script_interpreted
 
 
 @pytest.mark.parametrize("kernel", ["chunk_states", "fwd", "dx", "states"],
@@ -29,14 +22,9 @@ def test_all_heads_kernel_matches_the_loop(kernel):
                   "states": module.check_states}
         assert checks[kernel]("cuda") < module.TOLERANCE["cuda"]
         return
-    # The interpreter must be on before triton is first imported (triton.language's own jit
-    # functions, tl.sum among them, are built then): a fresh process.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_scan_heads.py"), "--check",
-                          "--passes", kernel], env=env, capture_output=True, text=True, timeout=600)
+    run = run_script_interpreted("bench_scan_heads", "--check", "--passes", kernel)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{kernel} kernel vs float64 loop" in run.stdout
-
 
 def test_backward_kernel_autotuning_call_equals_later_calls():
     """The call that autotunes the backward's all-heads kernel runs every config on the real

@@ -5,17 +5,10 @@ mamba_ssm's kernels), else under Triton's CPU interpreter. Needs triton, which t
 does not bring: skipped there. Triton 3.6's interpreter needs numpy < 2.3 for loops with a
 runtime bound (numpy 2.3 stopped converting 1-element arrays to int)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.script_support import load_script
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_support import load_script, run_script_interpreted
 
 
 def test_state_passing_matches_the_loop():
@@ -24,9 +17,6 @@ def test_state_passing_matches_the_loop():
         module = load_script("bench_state_passing")
         assert module.check("cuda") < module.TOLERANCE
         return
-    # The interpreter must be on before triton is first imported: a fresh process.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_state_passing.py"), "--check"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = run_script_interpreted("bench_state_passing", "--check")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "state passing vs float64 loop" in run.stdout

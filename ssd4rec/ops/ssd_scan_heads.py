@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssd4rec.ops.ssd_scan import all_heads_shapes_supported
 from ssd4rec.ops.state_passing import state_passing_bwd, state_passing_fwd
 
 # One config under Triton's CPU interpreter (tests): its autotuner would need a GPU to time.
@@ -638,8 +639,6 @@ class SSDScanAllHeadsXBC(torch.autograd.Function):
 
 
 def _check_supported(ngroups, D, headdim, d_state, chunk_size):
-    from ssd4rec.ops.ssd_scan import all_heads_shapes_supported
-
     if not all_heads_shapes_supported(headdim, d_state, chunk_size):
         raise ValueError(f"ssd_scan(backend='triton_heads') needs headdim, d_state and chunk_size "
                          f"to be powers of two of at least 16 (its kernels' tiles), got {headdim}, "
