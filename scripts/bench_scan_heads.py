@@ -12,6 +12,9 @@
 - ``states``: the backward's pass over the chunk states in the same module
   (``state_grads_all_heads``): mamba_ssm's ``_chunk_scan_bwd_dstates`` and ``_chunk_scan_bwd_dC``
   in one kernel.
+- ``ddA``: the backward's last step for the decays (``ssd4rec.ops.ddA_steps``): their gradient
+  summed from its parts and its reverse cumulative sum, against the PyTorch operations that
+  took that step until session 17 (``ddA_steps_reference``).
 - ``backward`` (GPU only): the module's whole scan backward (``_backward``: mamba_ssm's steps
   with ``pair_grads_all_heads``) against mamba_ssm's own ``_mamba_chunk_scan_combined_bwd``.
 
@@ -51,6 +54,7 @@ try:
     import triton
     from ssd4rec.ops.ssd_scan_heads import (chunk_states_all_heads, pair_grads_all_heads, scan_out_all_heads,
                                             state_grads_all_heads)
+    from ssd4rec.ops.ddA_steps import ddA_steps, ddA_steps_reference
 except ImportError as err:  # the CPU install has no triton
     if __name__ == "__main__":
         sys.exit(f"bench_scan_heads.py needs triton ({err}); on a CPU: pip install triton, then "
@@ -224,6 +228,27 @@ def check_states(device="cpu", dtype=torch.float32, seed=0):
     return worst
 
 
+def random_ddA_parts(batch, nheads, nchunks, k, q, device, gen):
+    """The parts of the decays' gradient, as ``ddA_steps`` takes them: rows a slice of a buffer
+    with more row blocks than are read (as the pair kernel leaves it), the others contiguous."""
+    rows = torch.randn(batch, nheads, nchunks, k + 2, q, generator=gen).to(device)[:, :, :, :k]
+    cols, into = (torch.randn(batch, nheads, nchunks, q, generator=gen).to(device) for _ in range(2))
+    return rows, cols, into, torch.randn(batch, nheads, nchunks, generator=gen).to(device)
+
+
+def check_ddA(device="cpu", seed=0):
+    """``ddA_steps`` against its formula in float64 (``ddA_steps_reference``), with chunk counts
+    that leave the last program's tile part empty and 1 to 4 row blocks; returns the worst error."""
+    worst = 0.0
+    gen = torch.Generator().manual_seed(seed)
+    for (batch, nheads, nchunks, k, q) in ((2, 3, 5, 2, 32), (1, 2, 7, 1, 64), (1, 1, 1, 4, 16), (2, 2, 33, 3, 16)):
+        parts = random_ddA_parts(batch, nheads, nchunks, k, q, device, gen)
+        ours = ddA_steps(*parts)
+        assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+        worst = max(worst, rel_err(ours, ddA_steps_reference(*(t.double().cpu() for t in parts))))
+    return worst
+
+
 def pair_grads(*inputs):
     """``pair_grads_all_heads`` with its ddA per step, as mamba_ssm's kernels and the loop give it."""
     dx, ddt, dD, dCB, dB, ddAcs = pair_grads_all_heads(*inputs)
@@ -296,36 +321,38 @@ def pair_grads_strided(inputs):
     return dx
 
 
-def compare(name, theirs, ours, repeats):
+def compare(name, theirs, ours, repeats, labels=("mamba_ssm", "all heads")):
     """Relative differences of each output, then both timed in alternating rounds (median ms)."""
     out_theirs, out_ours = theirs(), ours()
     out_theirs = out_theirs if isinstance(out_theirs, tuple) else (out_theirs,)
     out_ours = out_ours if isinstance(out_ours, tuple) else (out_ours,)
     errs = [rel_err(a, b) for a, b in zip(out_ours, out_theirs) if b is not None]
-    times = {"mamba_ssm": [], "all heads": []}
+    times = {label: [] for label in labels}
     for _ in range(3):
-        for who, fn in (("mamba_ssm", theirs), ("all heads", ours)):
+        for who, fn in zip(labels, (theirs, ours)):
             times[who].append(triton.testing.do_bench(fn, warmup=25, rep=repeats * 5, return_mode="median"))
-    t_theirs, t_ours = (statistics.median(times[k]) for k in ("mamba_ssm", "all heads"))
-    print(f"{name}: mamba_ssm {t_theirs:.3f} ms, all heads {t_ours:.3f} ms ({t_ours / t_theirs:.2f}x), "
+    t_theirs, t_ours = (statistics.median(times[k]) for k in labels)
+    print(f"{name}: {labels[0]} {t_theirs:.3f} ms, {labels[1]} {t_ours:.3f} ms ({t_ours / t_theirs:.2f}x), "
           f"relative difference {' / '.join(f'{e:.2e}' for e in errs)} (bf16)", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only check the kernels against the loops (CPU: TRITON_INTERPRET=1)")
-    ap.add_argument("--passes", nargs="+", default=["chunk_states", "fwd", "dx", "states", "backward"],
-                    choices=["chunk_states", "fwd", "dx", "states", "backward"],
+    ap.add_argument("--passes", nargs="+", default=["chunk_states", "fwd", "dx", "states", "ddA", "backward"],
+                    choices=["chunk_states", "fwd", "dx", "states", "ddA", "backward"],
                     help="chunk_states, fwd, dx, states: the forward's chunk states and output pass, the "
                          "backward's pair pass (dx, dCB, ddA, dB) and its state pass (dstates, dC, ddA) of "
-                         "ssd4rec.ops.ssd_scan_heads; "
+                         "ssd4rec.ops.ssd_scan_heads; ddA: the decays' reverse cumulative sum "
+                         "(ssd4rec.ops.ddA_steps) against PyTorch operations; "
                          "backward: its whole scan backward against mamba_ssm's (GPU only)")
     ap.add_argument("--tokens", type=int, default=245_760)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, nargs="+", default=[128, 256], dest="chunk_sizes")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    checks = {"chunk_states": check_chunk_states, "fwd": check, "dx": check_dx, "states": check_states}
+    checks = {"chunk_states": check_chunk_states, "fwd": check, "dx": check_dx, "states": check_states,
+              "ddA": check_ddA}
     if args.check or not torch.cuda.is_available():
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("no GPU: run the check with TRITON_INTERPRET=1")
@@ -390,6 +417,12 @@ def main():
 
             compare(f"chunk {q}, state passes (_chunk_scan_bwd_dstates, _chunk_scan_bwd_dC: dstates, dC, ddA)",
                     theirs_states, lambda: state_grads_all_heads(C_s, dA_s, dout_s, states_s, seq_s), args.repeats)
+        if "ddA" in args.passes:  # the pair kernel's row blocks at BLOCK_M 64 (K = q / 64) and 16
+            for k in sorted({max(q // 64, 1), q // 16}):
+                parts = random_ddA_parts(args.rows, 32, length // q, k, q, "cuda", gen)
+                compare(f"chunk {q}, decays' reverse cumsum from {k} row block(s) (float32)",
+                        lambda: ddA_steps_reference(*parts), lambda: ddA_steps(*parts), args.repeats,
+                        labels=("PyTorch", "one kernel"))
         if "backward" in args.passes:  # the scan's own inputs, as the model feeds them under bf16 autocast
             x_, dt_, B_, C_ = (torch.randn(args.rows, length, *shape, generator=gen).to("cuda", torch.bfloat16) * scale
                                for shape, scale in (((32, 16), 1.0), ((32,), 0.5), ((1, 64), 0.125), ((1, 64), 1.0)))

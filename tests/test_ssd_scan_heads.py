@@ -1,6 +1,7 @@
 """The all-heads SSD kernels of ``ssd4rec.ops.ssd_scan_heads`` (the forward's chunk states and
 output pass; the backward's pass over token pairs: dx, ddt, dD, dCB, dB, ddA; its pass over the
-chunk states: dstates, dC, ddA) against the float64 loops of their formulas in
+chunk states: dstates, dC, ddA) and ``ssd4rec.ops.ddA_steps`` (the decays' reverse cumulative
+sum) against the float64 loops of their formulas in
 scripts/bench_scan_heads.py: on the GPU where there is one, else under Triton's CPU
 interpreter. Needs triton, which the CPU install does not bring: skipped there. The whole scan
 with these kernels (``ssd_scan(backend="triton_heads")``, values and gradients) is checked
@@ -12,14 +13,14 @@ import torch
 from tests.script_support import load_script, run_script_interpreted
 
 
-@pytest.mark.parametrize("kernel", ["chunk_states", "fwd", "dx", "states"],
-                         ids=["chunk_states", "output_pass", "dx_pass", "state_pass"])
+@pytest.mark.parametrize("kernel", ["chunk_states", "fwd", "dx", "states", "ddA"],
+                         ids=["chunk_states", "output_pass", "dx_pass", "state_pass", "ddA_steps"])
 def test_all_heads_kernel_matches_the_loop(kernel):
     pytest.importorskip("triton", reason="triton is not installed (CPU install): the kernels need it")
     if torch.cuda.is_available():
         module = load_script("bench_scan_heads")
         checks = {"chunk_states": module.check_chunk_states, "fwd": module.check, "dx": module.check_dx,
-                  "states": module.check_states}
+                  "states": module.check_states, "ddA": module.check_ddA}
         assert checks[kernel]("cuda") < module.TOLERANCE["cuda"]
         return
     run = run_script_interpreted("bench_scan_heads", "--check", "--passes", kernel)

@@ -17,8 +17,10 @@ against 6.31 ms at chunk 128, same script and shape; its formulas are above its 
 ``state_grads_all_heads`` does the same for the backward's two passes over the chunk states
 (mamba_ssm's ``_chunk_scan_bwd_dstates`` and ``_chunk_scan_bwd_dC``: 0.52 against 1.29 ms),
 ``chunk_states_all_heads`` for the forward's chunk states (``_chunk_state_fwd``, which reloads
-B per head: 0.27 against 0.68 ms at chunk 128, 0.37 against 0.79 at chunk 64), and
-``ssd4rec.ops.state_passing`` replaces the serial state passing in both directions.
+B per head: 0.27 against 0.68 ms at chunk 128, 0.37 against 0.79 at chunk 64).
+``ssd4rec.ops.state_passing`` replaces the serial state passing in both directions, and
+``ssd4rec.ops.ddA_steps`` sums the decays' gradient from its parts and takes its reverse
+cumulative sum in one kernel.
 
 Everything else is mamba_ssm's: the chunk cumsum and C·Bᵀ in the forward (kept, with the
 states, for the backward, which mamba_ssm computes again), and the backward's C·Bᵀ products
@@ -47,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssd4rec.ops.ddA_steps import ddA_steps
 from ssd4rec.ops.ssd_scan import all_heads_shapes_supported
 from ssd4rec.ops.state_passing import state_passing_bwd, state_passing_fwd
 
@@ -285,17 +288,10 @@ def _pair_grads_all_heads_kernel(
     tl.store(dB_ptr + pid_b * s_dB_b + (start + offs_m)[:, None] * s_dB_l + offs_n[None, :], dB, mask=m_ok[:, None])
 
 
-def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx, dx=None):
-    """The backward's C·Bᵀ passes (formulas above) for one group.
-
-    dx: where to write x's gradient, (b, l, H, P) of any strides (a view into a buffer that
-    holds the gradients of x, B and C side by side), or None for a new tensor.
-    Returns dx: (b, l, H, P) in x's dtype; ddt: (b, H, nchunks, Q) float32 (the chunk-local
-    part, before mamba_ssm's ``_chunk_cumsum_bwd``); dD: (H,) float32 or None; dCB: (b, nchunks,
-    1, Q, Q) float32 as mamba_ssm's ``_chunk_scan_bwd_dcb`` returns it (a transposed view);
-    dB_states: (b, l, 1, N) float32, as ``_chunk_state_bwd_db`` returns it; ddAcs: (b, H, nchunks,
-    Q) float32, the gradient with respect to dA itself.
-    """
+def _pair_grads(cb, x, dout, dt, dA, B, dstates, D, seq_idx, dx=None):
+    """``pair_grads_all_heads`` with ddAcs left in its two parts, for ``ddA_steps`` to add: rows:
+    (b, H, nchunks, K, Q), the sums over each of the K row blocks of the tuned config; cols: (b,
+    H, nchunks, Q)."""
     batch, seqlen, nheads, p = x.shape
     _, nchunks, groups, q, _ = cb.shape
     n = B.shape[-1]
@@ -325,9 +321,23 @@ def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx, dx=None):
         *rows.stride()[:4], *dcbT.stride()[:3], dB_states.stride(0), dB_states.stride(1),
         HAS_D=D is not None, NHEADS=nheads, Q=q, P=p, N=n)
     blocks = triton.cdiv(q, _pair_grads_all_heads_kernel.best_config.kwargs["BLOCK_M"])
-    ddAcs = rows[:, :, :, :blocks].sum(dim=3) + cols
     dD = dD_part[:, :, :blocks].sum(dim=(0, 1, 2)) if D is not None else None
-    return dx, ddt, dD, dcbT.unsqueeze(2).transpose(-1, -2), dB_states, ddAcs
+    return dx, ddt, dD, dcbT.unsqueeze(2).transpose(-1, -2), dB_states, rows[:, :, :, :blocks], cols
+
+
+def pair_grads_all_heads(cb, x, dout, dt, dA, B, dstates, D, seq_idx, dx=None):
+    """The backward's C·Bᵀ passes (formulas above) for one group.
+
+    dx: where to write x's gradient, (b, l, H, P) of any strides (a view into a buffer that
+    holds the gradients of x, B and C side by side), or None for a new tensor.
+    Returns dx: (b, l, H, P) in x's dtype; ddt: (b, H, nchunks, Q) float32 (the chunk-local
+    part, before mamba_ssm's ``_chunk_cumsum_bwd``); dD: (H,) float32 or None; dCB: (b, nchunks,
+    1, Q, Q) float32 as mamba_ssm's ``_chunk_scan_bwd_dcb`` returns it (a transposed view);
+    dB_states: (b, l, 1, N) float32, as ``_chunk_state_bwd_db`` returns it; ddAcs: (b, H, nchunks,
+    Q) float32, the gradient with respect to dA itself.
+    """
+    *grads, rows, cols = _pair_grads(cb, x, dout, dt, dA, B, dstates, D, seq_idx, dx)
+    return (*grads, rows.sum(dim=3) + cols)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,8 +552,8 @@ def _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, 
     ``pair_grads_all_heads`` in place of its ``_chunk_scan_chunk_state_bwd_dx``,
     ``_chunk_scan_bwd_dcb``, ``_chunk_scan_bwd_ddAcs_stable`` and ``_chunk_state_bwd_db``,
     ``state_grads_all_heads`` in place of its ``_chunk_scan_bwd_dstates`` and
-    ``_chunk_scan_bwd_dC``, and ``ssd4rec.ops.state_passing`` in place of its serial state
-    passing.
+    ``_chunk_scan_bwd_dC``, ``ssd4rec.ops.state_passing`` in place of its serial state
+    passing, and ``ssd4rec.ops.ddA_steps`` for the reverse cumulative sum of the decays' gradient.
 
     saved: ``_chunk_intermediates``' tensors from the forward; None computes them again, as
     mamba_ssm does. grads_out: tensors to write dx, dB and dC into (views of one buffer, see
@@ -566,16 +576,14 @@ def _backward(dy, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, 
         states.reshape(batch, nchunks, nheads, p * n), dA_cs[:, :, :, -1],
         dstates.reshape(batch, nchunks, nheads, p * n), seq_idx, chunk_size, x.dtype)
     dstates = dstates.reshape(batch, nchunks, nheads, p, n)
-    dx, ddt_proc, dD, dCB, dB_states, ddAcs_pairs = pair_grads_all_heads(CB, x, dy, dt_proc, dA_cs, B, dstates,
-                                                                         D, seq_idx, dx=dx_out)
+    dx, ddt_proc, dD, dCB, dB_states, ddAcs_rows, ddAcs_cols = _pair_grads(CB, x, dy, dt_proc, dA_cs, B, dstates,
+                                                                           D, seq_idx, dx=dx_out)
     dB = m._bmm_chunk_bwd(C, dCB, residual=dB_states, out=torch.empty_like(B) if dB_out is None else dB_out)
     dC = m._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states,
                           out=torch.empty_like(C) if dC_out is None else dC_out)
     # Gradients with respect to the cumulative dA, turned into per-step ones by a reverse
-    # cumulative sum (dA_cs[j] is the sum of the steps up to j).
-    ddAcs_into_chunk[..., -1] += ddA_chunk_end
-    ddAcs = ddAcs_into_chunk + ddAcs_pairs
-    ddA = ddAcs.flip([-1]).cumsum(dim=-1).flip([-1])
+    # cumulative sum (dA_cs[j] is the sum of the steps up to j), in one kernel.
+    ddA = ddA_steps(ddAcs_rows, ddAcs_cols, ddAcs_into_chunk, ddA_chunk_end)
     ddt, dA, ddt_bias = m._chunk_cumsum_bwd(ddA, ddt_proc, dt, A, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                             dt_limit=dt_limit)
     return dx, ddt, dA, dB, dC, dD, ddt_bias
