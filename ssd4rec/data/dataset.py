@@ -8,6 +8,7 @@ list. RecBole's own leave-one-out split, samplers, dataloaders and evaluator wor
 on these rows unchanged.
 """
 
+import numpy as np
 import torch
 from recbole.data.dataset import SequentialDataset
 from recbole.data.interaction import Interaction
@@ -73,6 +74,17 @@ class PackedSequentialDataset(SequentialDataset):
         for field in (self.item_list_length_field, HISTORY_END_FIELD):
             self.set_field_property(field, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
         self.inter_feat = samples
+
+    def __getitem__(self, index, join=True):
+        """RecBole's rows at ``index``, indexed with one tensor. RecBole's ``Interaction`` turns an
+        index array into a Python list, which each field then converts back: 0.86 against 0.19
+        ms for a training batch of 1,024 rows of ML-1M on our CPU, on the host thread that also
+        launches the GPU's step (its loaders call this with an int array for every batch)."""
+        if isinstance(index, np.ndarray) and index.ndim == 1 and index.dtype.kind in "iu":
+            rows = torch.from_numpy(index.astype(np.int64, copy=False))
+            df = Interaction({key: value[rows] for key, value in self.inter_feat.interaction.items()})
+            return self.join(df) if join else df
+        return super().__getitem__(index, join)
 
     def history_store(self):
         """(history_item (N,), history_time (N,)) shared by every split."""
