@@ -491,14 +491,14 @@ def profile_steps(trainer, train_data, steps, device, path, precision="fp32"):
 
     busy = sum(getattr(e, dev_attr, 0) for e in ka if getattr(e, "device_type", None) == DeviceType.CUDA) / 1e6
     sort_key = dev_attr if device.type == "cuda" else "self_cpu_time_total"
-    table = ka.table(sort_by=sort_key, row_limit=30)
+    table = ka.table(sort_by=sort_key, row_limit=60)
     with open(path, "w") as f:
         f.write(f"{steps} training steps, wall {wall:.3f} s, GPU kernel time {busy:.3f} s "
                 f"({100 * busy / wall:.0f}% busy)\n")
         f.write(f"data loader: {t_load * 1e3:.1f} ms/batch (collate), host->device {t_copy * 1e3:.1f} ms/batch\n\n")
         f.write(table)
     rows = []
-    for e in sorted(ka, key=lambda e: -getattr(e, sort_key, 0))[:25]:
+    for e in sorted(ka, key=lambda e: -getattr(e, sort_key, 0))[:50]:
         rows.append(dict(name=e.key[:90], self_device_ms=getattr(e, dev_attr, 0) / 1e3 / steps,
                          calls_per_step=e.count / steps))
     log(f"profile: {steps} steps wall {wall:.3f} s, GPU busy {busy:.3f} s ({100 * busy / wall:.0f}%), "

@@ -115,6 +115,7 @@ CHECKS = {
     "max_history_length": (_positive_int, "a positive integer, or null for whole histories"),
     "shared_directions": (lambda v: isinstance(v, bool), "True or False"),
     "align_backward": (lambda v: isinstance(v, bool), "True or False"),
+    "scan_scored_only": (lambda v: isinstance(v, bool), "True or False"),
     "backend": (lambda v: v in ("auto", "torch", "triton", "triton_heads"),
                 "one of auto, torch, triton, triton_heads"),
     "amp": (lambda v: v in ("none", "bf16"), "one of none, bf16"),

@@ -26,6 +26,9 @@ MASK_TOKEN = 0
 # compile_glue when the key is absent, as config.yaml: on for CUDA. Its inductor code is checked
 # against eager on the GPU (tests/test_gpu.py); it takes 23% off an H100 bf16 step (README).
 COMPILE_GLUE = "auto"
+# scan_scored_only when the key is absent, as config.yaml: the same function as the full scan
+# (tests/test_bissd.py, tests/test_ssd_at.py), for less work.
+SCAN_SCORED_ONLY = True
 
 
 class SSD4Rec(SequentialRecommender):
@@ -35,7 +38,9 @@ class SSD4Rec(SequentialRecommender):
     chunk_size, dropout_prob, beta, norm_embedding, maskratio, var_len,
     shared_directions, align_backward, layer_norm_eps, backend, compile_glue (true, false
     or auto: on for a CUDA device; the embedding norm and each Bi-SSD layer's glue through
-    torch.compile, ``ssd4rec.modules.bissd_glue``; absent: COMPILE_GLUE).
+    torch.compile, ``ssd4rec.modules.bissd_glue``; absent: COMPILE_GLUE), scan_scored_only
+    (the last layer's scan computed at the scored tokens only, ``ssd4rec.ops.ssd_at``;
+    absent: SCAN_SCORED_ONLY).
     """
 
     def __init__(self, config, dataset):
@@ -65,6 +70,7 @@ class SSD4Rec(SequentialRecommender):
             layer_norm_eps=config["layer_norm_eps"],
             backend=config["backend"],
             compile_glue=self.compile_glue,
+            scan_scored_only=config["scan_scored_only"] if "scan_scored_only" in config else SCAN_SCORED_ONLY,
         )
         self.loss_fct = nn.CrossEntropyLoss()
 

@@ -19,7 +19,9 @@ What is compiled, per layer with shared directions (``BiSSDLayer.mix``'s maths):
                     h = Dropout(LN(m + x[keep]))
                     out = Dropout(LN(h + W2 Dropout(GELU(W1 h))))
 
-with bwd the reversal when align_backward, else the identity. Between the two regions,
+with bwd the reversal when align_backward, else the identity. When the last layer's scan ran
+for the kept rows only (``BiSSDLayer.scan_scored_only``), ``scored_rows_tail`` takes the place
+of shared_tail: the same, on (2, K, d_inner) inputs. Between the two regions,
 eager: the causal convolution (``ssd4rec.ops.causal_conv1d``) and the scan
 (``ssd4rec.ops.ssd_scan``: mamba_ssm's Triton kernels, ours, or our PyTorch scan).
 
@@ -106,6 +108,22 @@ def shared_tail(x, y, z, reverse_index, keep_index, norm, beta, align_backward, 
     return residual_ffn(x, mixed, keep_index, *ffn_args)
 
 
+def scored_rows_tail(x, y, z, keep_index, norm, beta, out_proj, *ffn_args):
+    """shared_tail when the scan ran for the kept rows only (``BiSSDLayer.scan_scored_only``).
+
+    x: (T, d_model) the layer's input; y, z: (2, K, d_inner) scan output and gate of both
+    directions at the rows each adds to the kept rows keep_index: (K,) (row 1 already at its
+    aligned or unaligned position, so no reversal here); the rest as shared_tail. Returns
+    (K, d_model).
+    """
+    gated = gated_rms_norm(y, z, *norm)  # (2, K, d_inner)
+    weight, bias = out_proj
+    mixed = F.linear(gated[0] + beta * gated[1], weight)
+    if bias is not None:
+        mixed = mixed + (1 + beta) * bias
+    return residual_ffn(x, mixed, keep_index, *ffn_args)
+
+
 # --------------------------------------------------------------------------------------------
 # Calling them with a BiSSDLayer's modules (eager)
 # --------------------------------------------------------------------------------------------
@@ -141,6 +159,18 @@ def layer_tail(layer, x, y, z, reverse_index, keep_index):
                                  bool(layer.align_backward), _linear(mixer.out_proj), *_ffn_args(layer))
 
 
+def scored_tail(layer, x, y, z, keep_index):
+    """layer: a shared-directions ``BiSSDLayer``; x: (T, d_model); y, z: (2, K, d_inner) its scan
+    at the kept rows (``BiSSDLayer._scan_both_at``) -> the layer's output at them, (K, d_model)."""
+    mixer = layer.forward_ssd
+    norm = (mixer.norm.weight, float(mixer.norm.eps), mixer.norm.group_size)
+    _mark_rows(x, keep_index)
+    for t in (y, z):
+        torch._dynamo.maybe_mark_dynamic(t, 1)  # (2, K, d_inner): sequences are dim 1
+    return compiled(scored_rows_tail)(x, y, z, keep_index, norm, float(layer.beta), _linear(mixer.out_proj),
+                                      *_ffn_args(layer))
+
+
 def after_mix(layer, x, mixed, keep_index):
     """layer: a ``BiSSDLayer``; x: (T, d_model); mixed: (K, d_model) its ``mix`` output ->
     the layer's output, (K, d_model)."""
@@ -154,5 +184,5 @@ def embed_norm(e, layer_norm, dropout):
     return compiled(input_norm)(e, _ln(layer_norm), _p(dropout))
 
 
-__all__ = ["after_mix", "both_directions", "embed_norm", "layer_tail", "residual_ffn", "shared_tail",
-           "stack_directions"]
+__all__ = ["after_mix", "both_directions", "embed_norm", "layer_tail", "residual_ffn", "scored_rows_tail",
+           "scored_tail", "shared_tail", "stack_directions"]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssd4rec.ops import causal_conv1d
+from ssd4rec.ops.ssd_at import ssd_scan_at
 from ssd4rec.ops.ssd_scan import ssd_scan_xbc
 
 
@@ -154,6 +155,30 @@ class Mamba2Mixer(nn.Module):
             backend=self.backend,
         )
         return y.reshape(batch, length, self.d_inner)
+
+    def ssm_at(self, xBC, dt, seq_idx, query_index, cu_seqlens, compile_backward=False):
+        """The SSD scan's output at one token per sequence only (``ssd4rec.ops.ssd_at``).
+
+        xBC: (b, T, d_inner + 2*ngroups*d_state) after the conv, dt: (b, T, nheads) before bias
+        and softplus; seq_idx: (T,) int, sequence ids 0..K-1 in order, the same in every row;
+        query_index: (b, K), query k a token of sequence k; cu_seqlens: (K+1,)
+        -> ssm(xBC, dt, seq_idx)[r, query_index[r, k]]: (b, K, d_inner)
+        """
+        return ssd_scan_at(
+            xBC,
+            dt,
+            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
+            self.headdim,
+            query_index,
+            seq_idx,
+            cu_seqlens,
+            ngroups=self.ngroups,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+            compile_backward=compile_backward,
+        )
 
     def scan(self, xBC, dt, z, seq_idx=None):
         """The SSD scan, gated norm and output projection.

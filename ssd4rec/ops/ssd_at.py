@@ -1,0 +1,92 @@
+"""The SSD scan's output at one position per packed sequence, without scanning the rest.
+
+The scan (``ssd4rec.ops.ssd_scan``) gives every token's output. SSD4Rec's last layer needs it
+at one token per sequence only, the one it scores (both directions read there, BiSSDLayer).
+Unrolled, the recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t
+gives the output at a query position q of a sequence that starts at a as
+
+    y_q[h, :] = sum_{s=a}^{q} (C_q . B_s) exp(cum_q[h] - cum_s[h]) dt_s[h] x_s[h, :] + D[h] x_q[h, :]
+
+with cum the running sum of dt A: one attention row, the query's against its own sequence,
+O(L (N + P)) per sequence and head where the scan is O(L P N). The cumulative sums are taken in
+float64: a difference of two running sums over the whole stream keeps float32's precision there
+(as the chunked scan's per-chunk sums do), where in float32 it would lose the digits the two
+share. Everything else is float32 (float64 for float64 input), and the per-sequence sums are ``segment_sum``'s, which add
+in a fixed order on the GPU.
+
+On the ML-1M training step the full scan of the last layer (forward and backward, both
+directions) takes about 5.7 ms on an H100; this replaces it (README, session 18).
+
+Shapes: xBC: (R, T, d_inner + 2 g N) after the conv, x | B | C as in ``ssd_scan_xbc``; dt:
+(R, T, H) before bias and softplus; A, dt_bias: (H,); D: (H,) or (H, P); seq_idx: (T,) int, the same for every
+row, sequence ids 0..K-1 in order; cu_seqlens: (K+1,); query_index: (R, K) int64, query k a
+token of sequence k. Returns (R, K, d_inner) in xBC's dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ssd4rec.ops.segment_sum import segment_broadcast, weighted_segment_sum
+
+
+def effective_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """dt as the scan uses it (float32, or float64 for float64 dt): bias added, softplus, clamped to dt_limit."""
+    dt = dt.to(torch.promote_types(dt.dtype, torch.float32))
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    return dt
+
+
+def running_sum(dA):
+    """dA: (R, T, H) float64 -> its cumulative sum over T, (R, T, H), as one 1-D scan.
+
+    Only differences within a sequence are used, so the sum may run on across rows and heads:
+    laid out (R, H, T) and flattened, it is one long 1-D cumsum, which CUDA scans in parallel,
+    where torch.cumsum over dim 1 runs R * H sequential scans of length T (46 ms at the ML-1M
+    step's shape on an H100). float64 keeps the differences exact to about 1e-16 of the total.
+    """
+    R, T, H = dA.shape
+    return dA.transpose(1, 2).reshape(-1).cumsum(0).view(R, H, T).transpose(1, 2)
+
+
+def ssd_scan_at(xBC, dt, A, headdim, query_index, seq_idx, cu_seqlens, ngroups=1, D=None, dt_bias=None,
+                dt_softplus=False, dt_limit=(0.0, float("inf")), compile_backward=False):
+    """ssd_scan_xbc(xBC, dt, A, ...)[r, query_index[r, k]] for every row r and sequence k.
+
+    compile_backward: the per-token gradient products through torch.compile (``segment_sum``).
+    Shapes in the module docstring.
+    """
+    R, T, conv_dim = xBC.shape
+    nheads = dt.shape[-1]
+    d_inner = nheads * headdim
+    d_state = (conv_dim - d_inner) // (2 * ngroups)
+    x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
+    rows = torch.arange(R, device=xBC.device)[:, None]
+    compute = torch.promote_types(xBC.dtype, torch.float32)  # float64 stays float64 (the tests)
+
+    dt = effective_dt(dt, dt_bias, dt_softplus, dt_limit).to(compute)  # (R, T, H)
+    cum = running_sum(dt.double() * A.double())  # (R, T, H)
+    query_of_token = query_index[:, seq_idx.long()]  # (R, T): the position each token answers to
+    after_query = torch.arange(T, device=xBC.device) > query_of_token  # those add nothing
+    cum_q = segment_broadcast(cum[rows, query_index], cu_seqlens, seq_idx)  # (R, T, H)
+    # masked before exp: after the query the exponent is positive and could overflow
+    log_decay = torch.where(after_query[..., None], 0.0, (cum_q - cum).to(compute))
+
+    C_q = segment_broadcast(C[rows, query_index].to(compute), cu_seqlens, seq_idx)  # (R, T, g N)
+    score = (C_q.unflatten(-1, (ngroups, d_state)) * B.to(compute).unflatten(-1, (ngroups, d_state))).sum(-1)
+    score = score.repeat_interleave(nheads // ngroups, dim=-1)  # (R, T, H): head h reads group h // (H / g)
+    weight = torch.where(after_query[..., None], 0.0, torch.exp(log_decay) * dt * score)
+
+    y = weighted_segment_sum(x.unflatten(-1, (nheads, headdim)), weight, cu_seqlens, seq_idx,
+                             compile_backward)  # (R, K, H, P) float32 (float64)
+    if D is not None:
+        x_q = x[rows, query_index].unflatten(-1, (nheads, headdim)).to(compute)
+        y = y + (D.to(compute)[:, None] if D.dim() == 1 else D.to(compute)) * x_q  # D: (H,) or (H, P)
+    return y.flatten(-2).to(xBC.dtype)
+
+
+__all__ = ["effective_dt", "running_sum", "ssd_scan_at"]
