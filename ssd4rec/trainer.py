@@ -298,6 +298,17 @@ class Trainer(RecBoleTrainer):
         # stopped_by_time_budget = {"after_epoch", "elapsed_s", "max_train_seconds", ...}.
         self.stopped_by = None
         self.stopped_by_time_budget = None
+
+    def _build_optimizer(self, **kwargs):
+        """RecBole's optimizer, except Adam and AdamW on a CUDA device: their fused kernels (one
+        launch for all parameters, where the default foreach path makes a dozen), the same update
+        rule. The H100 profile of session 17 had the foreach Adam at 0.85 ms of a 24 ms step."""
+        learner = kwargs.get("learner", self.learner).lower()
+        if learner not in ("adam", "adamw") or torch.device(self.config["device"]).type != "cuda":
+            return super()._build_optimizer(**kwargs)
+        kind = torch.optim.Adam if learner == "adam" else torch.optim.AdamW
+        return kind(kwargs.get("params", self.model.parameters()), lr=kwargs.get("learning_rate", self.learning_rate),
+                    weight_decay=kwargs.get("weight_decay", self.weight_decay), fused=True)
         self._fit_clock = None  # a FitClock during fit
         self._loaders = (None, None)  # fit's (train, valid), whose RNG states last.pth saves
         # Set by resume_checkpoint, used by fit: the RNG states are restored there, where the

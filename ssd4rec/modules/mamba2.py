@@ -156,7 +156,7 @@ class Mamba2Mixer(nn.Module):
         )
         return y.reshape(batch, length, self.d_inner)
 
-    def ssm_at(self, xBC, dt, seq_idx, query_index, cu_seqlens, compile_backward=False):
+    def ssm_at(self, xBC, dt, seq_idx, query_index, cu_seqlens, compiled=False):
         """The SSD scan's output at one token per sequence only (``ssd4rec.ops.ssd_at``).
 
         xBC: (b, T, d_inner + 2*ngroups*d_state) after the conv, dt: (b, T, nheads) before bias
@@ -177,7 +177,7 @@ class Mamba2Mixer(nn.Module):
             dt_bias=self.dt_bias,
             dt_softplus=True,
             dt_limit=self.dt_limit,
-            compile_backward=compile_backward,
+            compiled=compiled,
         )
 
     def scan(self, xBC, dt, z, seq_idx=None):

@@ -26,6 +26,7 @@ token of sequence k. Returns (R, K, d_inner) in xBC's dtype.
 import torch
 import torch.nn.functional as F
 
+from ssd4rec.modules import compiled_glue
 from ssd4rec.ops.segment_sum import segment_broadcast, weighted_segment_sum
 
 
@@ -41,24 +42,56 @@ def effective_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"
     return dt
 
 
+def decays(dt, A, dt_bias, dt_softplus, dt_limit, compute):
+    """dt: (R, T, H) raw -> dt as the scan uses it (R, T, H) in ``compute``, and dA = dt A laid
+    out (R, H, T) in float64, contiguous: what running_sum scans."""
+    dt = effective_dt(dt, dt_bias, dt_softplus, dt_limit).to(compute)
+    return dt, (dt.double() * A.double()).transpose(1, 2).contiguous()
+
+
 def running_sum(dA):
-    """dA: (R, T, H) float64 -> its cumulative sum over T, (R, T, H), as one 1-D scan.
+    """dA: (R, H, T) float64, contiguous -> its cumulative sum over T, as (R, T, H), one 1-D scan.
 
     Only differences within a sequence are used, so the sum may run on across rows and heads:
-    laid out (R, H, T) and flattened, it is one long 1-D cumsum, which CUDA scans in parallel,
-    where torch.cumsum over dim 1 runs R * H sequential scans of length T (46 ms at the ML-1M
-    step's shape on an H100). float64 keeps the differences exact to about 1e-16 of the total.
+    flattened, it is one long 1-D cumsum, which CUDA scans in parallel, where torch.cumsum over
+    T of an (R, T, H) tensor runs R * H sequential scans of length T (46 ms at the ML-1M step's
+    shape on an H100). float64 keeps the differences exact to about 1e-16 of the total.
     """
-    R, T, H = dA.shape
-    return dA.transpose(1, 2).reshape(-1).cumsum(0).view(R, H, T).transpose(1, 2)
+    R, H, T = dA.shape
+    return dA.view(-1).cumsum(0).view(R, H, T).transpose(1, 2)
+
+
+def query_weights(dt, cum, cum_q, B, C_q, after_query, ngroups):
+    """Each token's weight in its query's output: (C_q . B_s) exp(cum_q - cum_s) dt_s, 0 after the
+    query. dt: (R, T, H); cum, cum_q: (R, T, H) float64; B, C_q: (R, T, g N); after_query: (R, T)
+    bool -> (R, T, H) in dt's dtype."""
+    after = after_query[..., None]
+    # masked before exp: after the query the exponent is positive and could overflow
+    log_decay = torch.where(after, 0.0, (cum_q - cum).to(dt.dtype))
+    score = (C_q.unflatten(-1, (ngroups, -1)) * B.to(dt.dtype).unflatten(-1, (ngroups, -1))).sum(-1)
+    score = score.repeat_interleave(dt.shape[-1] // ngroups, dim=-1)  # head h reads group h // (H / g)
+    return torch.where(after, 0.0, torch.exp(log_decay) * dt * score)
+
+
+def _run(fn, compiled, *args):
+    """fn(*args), through torch.compile when compiled (dim 1, tokens, dynamic: no recompile per
+    batch); the glue's backend, ``compiled_glue.COMPILE_BACKEND``."""
+    if not compiled:
+        return fn(*args)
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(arg, 1)
+    return compiled_glue.compiled(fn)(*args)
 
 
 def ssd_scan_at(xBC, dt, A, headdim, query_index, seq_idx, cu_seqlens, ngroups=1, D=None, dt_bias=None,
-                dt_softplus=False, dt_limit=(0.0, float("inf")), compile_backward=False):
+                dt_softplus=False, dt_limit=(0.0, float("inf")), compiled=False):
     """ssd_scan_xbc(xBC, dt, A, ...)[r, query_index[r, k]] for every row r and sequence k.
 
-    compile_backward: the per-token gradient products through torch.compile (``segment_sum``).
-    Shapes in the module docstring.
+    compiled: the elementwise parts, forward and backward, through torch.compile: a few kernels
+    where eager runs some eighty, whose launches bound the ML-1M step on an H100. The
+    per-sequence sums and the broadcasts back stay ``segment_sum``'s (their gradients would
+    be atomic scatter-adds in compiled code). Shapes in the module docstring.
     """
     R, T, conv_dim = xBC.shape
     nheads = dt.shape[-1]
@@ -68,25 +101,20 @@ def ssd_scan_at(xBC, dt, A, headdim, query_index, seq_idx, cu_seqlens, ngroups=1
     rows = torch.arange(R, device=xBC.device)[:, None]
     compute = torch.promote_types(xBC.dtype, torch.float32)  # float64 stays float64 (the tests)
 
-    dt = effective_dt(dt, dt_bias, dt_softplus, dt_limit).to(compute)  # (R, T, H)
-    cum = running_sum(dt.double() * A.double())  # (R, T, H)
+    dt, dA = _run(decays, compiled, dt, A, dt_bias, dt_softplus, tuple(dt_limit), compute)
+    cum = running_sum(dA)  # (R, T, H) float64
     query_of_token = query_index[:, seq_idx.long()]  # (R, T): the position each token answers to
     after_query = torch.arange(T, device=xBC.device) > query_of_token  # those add nothing
     cum_q = segment_broadcast(cum[rows, query_index], cu_seqlens, seq_idx)  # (R, T, H)
-    # masked before exp: after the query the exponent is positive and could overflow
-    log_decay = torch.where(after_query[..., None], 0.0, (cum_q - cum).to(compute))
-
     C_q = segment_broadcast(C[rows, query_index].to(compute), cu_seqlens, seq_idx)  # (R, T, g N)
-    score = (C_q.unflatten(-1, (ngroups, d_state)) * B.to(compute).unflatten(-1, (ngroups, d_state))).sum(-1)
-    score = score.repeat_interleave(nheads // ngroups, dim=-1)  # (R, T, H): head h reads group h // (H / g)
-    weight = torch.where(after_query[..., None], 0.0, torch.exp(log_decay) * dt * score)
+    weight = _run(query_weights, compiled, dt, cum, cum_q, B, C_q, after_query, ngroups)
 
     y = weighted_segment_sum(x.unflatten(-1, (nheads, headdim)), weight, cu_seqlens, seq_idx,
-                             compile_backward)  # (R, K, H, P) float32 (float64)
+                             compiled)  # (R, K, H, P) float32 (float64)
     if D is not None:
         x_q = x[rows, query_index].unflatten(-1, (nheads, headdim)).to(compute)
         y = y + (D.to(compute)[:, None] if D.dim() == 1 else D.to(compute)) * x_q  # D: (H,) or (H, P)
     return y.flatten(-2).to(xBC.dtype)
 
 
-__all__ = ["effective_dt", "running_sum", "ssd_scan_at"]
+__all__ = ["decays", "effective_dt", "query_weights", "running_sum", "ssd_scan_at"]
