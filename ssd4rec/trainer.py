@@ -298,6 +298,11 @@ class Trainer(RecBoleTrainer):
         # stopped_by_time_budget = {"after_epoch", "elapsed_s", "max_train_seconds", ...}.
         self.stopped_by = None
         self.stopped_by_time_budget = None
+        self._fit_clock = None  # a FitClock during fit
+        self._loaders = (None, None)  # fit's (train, valid), whose RNG states last.pth saves
+        # Set by resume_checkpoint, used by fit: the RNG states are restored there, where the
+        # training loader (built before the trainer resumes) is at hand.
+        self._resume_rng = None
 
     def _build_optimizer(self, **kwargs):
         """RecBole's optimizer, except Adam and AdamW on a CUDA device: their fused kernels (one
@@ -309,11 +314,6 @@ class Trainer(RecBoleTrainer):
         kind = torch.optim.Adam if learner == "adam" else torch.optim.AdamW
         return kind(kwargs.get("params", self.model.parameters()), lr=kwargs.get("learning_rate", self.learning_rate),
                     weight_decay=kwargs.get("weight_decay", self.weight_decay), fused=True)
-        self._fit_clock = None  # a FitClock during fit
-        self._loaders = (None, None)  # fit's (train, valid), whose RNG states last.pth saves
-        # Set by resume_checkpoint, used by fit: the RNG states are restored there, where the
-        # training loader (built before the trainer resumes) is at hand.
-        self._resume_rng = None
 
     def _time_budget_spent(self, epoch_idx):
         """True if the epoch about to start would end past max_train_seconds.
