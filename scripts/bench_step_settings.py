@@ -9,6 +9,8 @@ alternating rounds of --batches batches (after a warm-up of each):
   eager_weights  ssd4rec.ops.ssd_at's elementwise parts eager (its ``_run`` bypassed)
   cublaslt       torch.backends.cuda.preferred_blas_library("cublaslt") for the matmuls
   foreach_adam   torch.optim.Adam(fused=False): PyTorch's default foreach implementation
+  loader_worker  the training batches from a loader with RecBole's `worker: 1` (the collate
+                 in a worker process, off the thread that launches the step)
 
 --mm-host: instead, the host time to enqueue one bf16 matmul of the step's in_proj and FFN
 shapes, the token count repeated or new at every call (whether cuBLAS's per-shape setup costs
@@ -32,7 +34,7 @@ import benchmark  # noqa: E402
 
 from ssd4rec.ops import ssd_at  # noqa: E402
 
-SETTINGS = ["default", "eager_weights", "cublaslt", "foreach_adam"]
+SETTINGS = ["default", "eager_weights", "cublaslt", "foreach_adam", "loader_worker"]
 
 
 def mm_host(rounds=2, calls=200):
@@ -62,6 +64,7 @@ def main():
     ap.add_argument("--batches", type=int, default=100, help="batches per timed run")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mm-host", action="store_true", help="the matmul enqueue timing only")
+    ap.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
     args = ap.parse_args()
     if args.mm_host:
         return mm_host()
@@ -70,6 +73,10 @@ def main():
     config, _, train_data, _, _ = benchmark.build_pipeline(
         "SSD4Rec", {"train_batch_size": 1024, "var_len": True, "max_history_length": 200}, args)
     trainer = bench_variants.ssd4rec_variant(config, train_data, {})
+    loaders = {name: train_data for name in args.settings}
+    if "loader_worker" in args.settings:
+        _, _, loaders["loader_worker"], _, _ = benchmark.build_pipeline(
+            "SSD4Rec", {"train_batch_size": 1024, "var_len": True, "max_history_length": 200, "worker": 1}, args)
     compiled_run, fused = ssd_at._run, trainer.optimizer
     foreach = torch.optim.Adam(trainer.model.parameters(), lr=config["learning_rate"], fused=False)
 
@@ -78,22 +85,22 @@ def main():
         torch.backends.cuda.preferred_blas_library("cublaslt" if name == "cublaslt" else "default")
         trainer.optimizer = foreach if name == "foreach_adam" else fused
 
-    epoch, runs = 0, {name: [] for name in SETTINGS}
-    for name in SETTINGS:
+    epoch, runs = 0, {name: [] for name in args.settings}
+    for name in args.settings:
         apply(name)
         t0 = time.perf_counter()
-        bench_variants.time_run(trainer, train_data, 8, epoch, "bf16")
+        bench_variants.time_run(trainer, loaders[name], 8, epoch, "bf16")
         epoch += 1
         print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     for r in range(args.rounds):
-        for name in SETTINGS:
+        for name in args.settings:
             apply(name)
-            row = bench_variants.time_run(trainer, train_data, args.batches, epoch, "bf16")
+            row = bench_variants.time_run(trainer, loaders[name], args.batches, epoch, "bf16")
             epoch += 1
             runs[name].append(row["s_per_batch"] * 1e3)
             print(f"#{r} {name:14s} {runs[name][-1]:.2f} ms/batch", flush=True)
     apply("default")
-    for name in SETTINGS:
+    for name in args.settings:
         print(f"{name:14s} median {statistics.median(runs[name]):.2f} ms/batch, runs "
               + " / ".join(f"{v:.2f}" for v in runs[name]))
 
