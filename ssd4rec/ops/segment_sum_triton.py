@@ -68,16 +68,13 @@ def segment_sum_triton(v, w, cu_seqlens):
     if K == 0 or F == 0:
         return out
     if w is not None:
-        P = F // w.shape[2]
-        w_ptr, s_w_r, s_w_t = w, w.stride(0), w.stride(1)
-        if w.stride(2) != 1:
-            w = w.contiguous()
-            w_ptr, s_w_r, s_w_t = w, w.stride(0), w.stride(1)
+        w = w if w.stride(2) == 1 else w.contiguous()
+        P, s_w_r, s_w_t = F // w.shape[2], w.stride(0), w.stride(1)
     else:
-        P, w_ptr, s_w_r, s_w_t = 1, v, 0, 0  # w_ptr unused
+        P, s_w_r, s_w_t = 1, 0, 0
     grid = (K, triton.cdiv(F, BLOCK_F), R)
     _segment_sum_kernel[grid](
-        v, w_ptr, cu_seqlens, out, F, P,
+        v, v if w is None else w, cu_seqlens, out, F, P,  # without w, its pointer is never read
         v.stride(0), v.stride(1), s_w_r, s_w_t, out.stride(0), out.stride(1),
         HAS_W=w is not None, F64=f64, BLOCK_T=BLOCK_T, BLOCK_F=BLOCK_F,
     )

@@ -25,28 +25,17 @@ the same for every row, sequence ids 0..K-1 in order; cu_seqlens: (K+1,); query_
 """
 
 import torch
-import torch.nn.functional as F
 
 from ssd4rec.modules import compiled_glue
 from ssd4rec.ops.segment_sum import segment_broadcast, weighted_segment_sum
-
-
-def effective_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
-    """dt as the scan uses it (float32, or float64 for float64 dt): bias added, softplus, clamped to dt_limit."""
-    dt = dt.to(torch.promote_types(dt.dtype, torch.float32))
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, float("inf")):
-        dt = dt.clamp(dt_limit[0], dt_limit[1])
-    return dt
+from ssd4rec.ops.ssd_scan import _process_dt
 
 
 def decays(dt, A, dt_bias, dt_softplus, dt_limit, compute):
-    """dt: (R, T, H) raw -> dt as the scan uses it (R, T, H) in ``compute``, and dA = dt A laid
+    """dt: (R, T, H) raw -> dt as the scan uses it (``ssd_scan._process_dt``: bias, softplus,
+    dt_limit), (R, T, H) in ``compute``, and dA = dt A laid
     out (R, H, T) in float64, contiguous: what running_sum scans."""
-    dt = effective_dt(dt, dt_bias, dt_softplus, dt_limit).to(compute)
+    dt = _process_dt(dt.to(compute), None if dt_bias is None else dt_bias.to(compute), dt_softplus, dt_limit)
     return dt, (dt.double() * A.double()).transpose(1, 2).contiguous()
 
 
@@ -101,10 +90,11 @@ def ssd_scan_at(xBC, dt, A, headdim, query_index, seq_idx, cu_seqlens, ngroups=1
     x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
     rows = torch.arange(R, device=xBC.device)[:, None]
     compute = torch.promote_types(xBC.dtype, torch.float32)  # float64 stays float64 (the tests)
+    seq_idx = seq_idx.long()  # once: every gather below indexes with it
 
     dt, dA = _run(decays, compiled, dt, A, dt_bias, dt_softplus, tuple(dt_limit), compute)
     cum = running_sum(dA)  # (R, T, H) float64
-    query_of_token = query_index[:, seq_idx.long()]  # (R, T): the position each token answers to
+    query_of_token = query_index[:, seq_idx]  # (R, T): the position each token answers to
     after_query = torch.arange(T, device=xBC.device) > query_of_token  # those add nothing
     cum_q = segment_broadcast(cum[rows, query_index], cu_seqlens, seq_idx)  # (R, T, H)
     C_q = segment_broadcast(C[rows, query_index].to(compute), cu_seqlens, seq_idx)  # (R, T, g N)
@@ -118,4 +108,4 @@ def ssd_scan_at(xBC, dt, A, headdim, query_index, seq_idx, cu_seqlens, ngroups=1
     return y.flatten(-2).to(xBC.dtype)
 
 
-__all__ = ["decays", "effective_dt", "query_weights", "running_sum", "ssd_scan_at"]
+__all__ = ["decays", "query_weights", "running_sum", "ssd_scan_at"]
