@@ -371,20 +371,38 @@ def timed_epoch(trainer, train_data, epoch_idx, amp, max_s, token_counter):
     device = trainer.device
     done = [0]
     stamps = []
-    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = [0.0]
+
+    class Counted:
+        """train_data, each batch stamped and its tokens counted (on the host) as the loop
+        draws it; with the one-batch prefetch, while the step before it is being queued."""
+        shuffle, sampler = train_data.shuffle, train_data.sampler
+
+        def __len__(self):
+            return len(train_data)
+
+        def __iter__(self):
+            for interaction in train_data:
+                now = time.perf_counter() - t0
+                if max_s is not None and done[0] > 0 and now > max_s:
+                    raise _StopEpoch
+                stamps.append(now)
+                done[0] += 1
+                tokens[0] += float(token_counter(interaction))
+                yield interaction
 
     def loss_func(interaction):
-        now = time.perf_counter() - t0
-        if max_s is not None and done[0] > 0 and now > max_s:
-            raise _StopEpoch
-        stamps.append(now)
-        done[0] += 1
-        tokens.add_(token_counter(interaction))
         if amp == "bf16":
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 return model.calculate_loss(interaction)
         return model.calculate_loss(interaction)
 
+    # CUDA graphs (graph_step) capture the model's own loss, which a loss_func would bypass:
+    # with them the trainer's loss runs, its autocast set to this epoch's precision.
+    graphs = getattr(trainer, "graphed_steps", None)
+    saved_amp = getattr(trainer, "amp_dtype", None)
+    if graphs is not None:
+        trainer.amp_dtype = graphs.amp_dtype = torch.bfloat16 if amp == "bf16" else None
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
@@ -392,19 +410,25 @@ def timed_epoch(trainer, train_data, epoch_idx, amp, max_s, token_counter):
     loss = None
     try:
         with tf32_mode("tf32" if amp == "tf32" else "fp32"):
-            loss = trainer._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=False)
+            loss = trainer._train_epoch(Counted(), epoch_idx, loss_func=None if graphs is not None else loss_func,
+                                        show_progress=False)
     except _StopEpoch:
         partial = True
+    finally:
+        if graphs is not None:
+            trainer.amp_dtype = graphs.amp_dtype = saved_amp
     sync(device)
     t = time.perf_counter() - t0
     n_total = len(train_data)
     n = done[0]
     row = dict(epoch=epoch_idx, amp=amp or "fp32", time_s=t, batches=n, batches_total=n_total,
-               partial=partial, tokens=float(tokens), peak_gib=peak_gib(device),
+               partial=partial, tokens=tokens[0], peak_gib=peak_gib(device),
                mean_loss=None if loss is None else loss / n,
-               # seconds from epoch start at which batch 1, 2, 4, 8, ... started
+               # seconds from epoch start at which batch 1, 2, 3, 5, 9, ... was drawn from the loader
                batch_start_s={str(k): round(stamps[k - 1], 3) for k in (1, 2, 3, 5, 9, 17, 33, 65, 129)
                               if k <= len(stamps)})
+    if graphs is not None:  # totals over the trainer's life: steps replayed, batches left eager
+        row.update(graph_replays=graphs.replays, graph_eager=graphs.eager, graphs=len(graphs.graphs))
     if n > 0:
         row["tokens_per_s"] = row["tokens"] / t
         row["s_per_batch"] = t / n

@@ -121,6 +121,7 @@ CHECKS = {
     "amp": (lambda v: v in ("none", "bf16"), "one of none, bf16"),
     "tf32": (lambda v: isinstance(v, bool), "True or False"),
     "sync_free_step": (lambda v: isinstance(v, bool), "True or False"),
+    "graph_step": (lambda v: isinstance(v, bool) or v == "auto", "True, False or auto"),
     "max_train_seconds": (lambda v: _number(v) and v > 0, "a positive number of seconds, or null for no limit"),
     # RecBole's keys for several processes (ssd4rec.distributed)
     "nproc": (_positive_int, "a positive integer (processes on this machine)"),

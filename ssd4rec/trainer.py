@@ -262,6 +262,7 @@ class Trainer(RecBoleTrainer):
 
     def __init__(self, config, model, run_dir):
         several = not config["single_spec"]
+        self.graph_step = self._graph_step_wanted(config, model, several)  # read by _build_optimizer
         # RecBole's AbstractTrainer would wrap the model in DDP itself, with options that
         # break here (ssd4rec.distributed.wrap_model says which): build a one-process
         # trainer, then wrap the model our way.
@@ -292,6 +293,9 @@ class Trainer(RecBoleTrainer):
         if self.sync_free_step is None:
             self.sync_free_step = True
         self._hook_input = None
+        # `graph_step: True`: training steps replayed from CUDA graphs (ssd4rec.graph_step);
+        # None when off. The optimizer is built capturable for it (_build_optimizer).
+        self.graphed_steps = self._graphed_steps(model)
         # Wall-clock budget of fit (None: no limit); see _time_budget_spent.
         self.max_train_seconds = config["max_train_seconds"] if "max_train_seconds" in config else None
         # Why the last fit ended: one of STOP_REASONS (None before fit); for "time_budget",
@@ -304,6 +308,37 @@ class Trainer(RecBoleTrainer):
         # training loader (built before the trainer resumes) is at hand.
         self._resume_rng = None
 
+    @staticmethod
+    def _graph_step_wanted(config, model, several):
+        """graph_step's value resolved against this run: True, False, or an error naming why
+        it cannot be had (auto: on where it can be)."""
+        value = config["graph_step"] if "graph_step" in config else False
+        if value is None or value is False:
+            return False
+        learner = config["learner"] if "learner" in config else "adam"
+        obstacles = [
+            (torch.device(config["device"]).type != "cuda", "a CUDA device"),
+            (several, "one process (DDP steps run eagerly)"),
+            (config["sync_free_step"] is False if "sync_free_step" in config else False, "sync_free_step: True"),
+            (bool(config["enable_amp"] or config["enable_scaler"]) if "enable_amp" in config else False,
+             "RecBole's fp16 AMP off (use amp: bf16)"),
+            (str(learner).lower() not in ("adam", "adamw"), "learner adam or adamw (a capturable fused optimizer)"),
+            (not hasattr(model, "padding_row"), "a model that pads its batches (SSD4Rec)"),
+        ]
+        missing = [need for blocked, need in obstacles if blocked]
+        if not missing:
+            return True
+        if value == "auto":
+            return False
+        raise SSD4RecError(f"config key 'graph_step': True needs {', '.join(missing)}")
+
+    def _graphed_steps(self, model):
+        if not self.graph_step:
+            return None
+        from ssd4rec.graph_step import GraphedSteps
+
+        return GraphedSteps(model, self.optimizer, amp_dtype=self.amp_dtype, clip_grad_norm=self.clip_grad_norm)
+
     def _build_optimizer(self, **kwargs):
         """RecBole's optimizer, except Adam and AdamW on a CUDA device: their fused kernels (one
         launch for all parameters, where the default foreach path makes a dozen), the same update
@@ -312,8 +347,10 @@ class Trainer(RecBoleTrainer):
         if learner not in ("adam", "adamw") or torch.device(self.config["device"]).type != "cuda":
             return super()._build_optimizer(**kwargs)
         kind = torch.optim.Adam if learner == "adam" else torch.optim.AdamW
+        # Capturable (the step count on the device) when the step is captured in CUDA graphs.
         return kind(kwargs.get("params", self.model.parameters()), lr=kwargs.get("learning_rate", self.learning_rate),
-                    weight_decay=kwargs.get("weight_decay", self.weight_decay), fused=True)
+                    weight_decay=kwargs.get("weight_decay", self.weight_decay), fused=True,
+                    capturable=self.graph_step)
 
     def _time_budget_spent(self, epoch_idx):
         """True if the epoch about to start would end past max_train_seconds.
@@ -359,6 +396,8 @@ class Trainer(RecBoleTrainer):
         if self._fit_clock is not None:
             self._fit_clock.epochs += 1
             self._fit_clock.latest_epoch_start = time.perf_counter()
+        # The CUDA graphs capture the model's own loss, so they serve the default loss only.
+        graphs = self.graphed_steps if loss_func is None else None
         if self.amp_dtype is not None and loss_func is None:
             loss_func = self._autocast_loss
         compute_loss = loss_func or self.model.calculate_loss
@@ -372,7 +411,7 @@ class Trainer(RecBoleTrainer):
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         if self.sync_free_step:
-            loss = self._sync_free_epoch(train_data, epoch_idx, counted_loss, show_progress)
+            loss = self._sync_free_epoch(train_data, epoch_idx, counted_loss, show_progress, graphs)
         else:
             loss = super()._train_epoch(train_data, epoch_idx, counted_loss, show_progress)
         if self.device.type == "cuda":
@@ -382,7 +421,7 @@ class Trainer(RecBoleTrainer):
         # global batch's mean loss, as one process would report it.
         return distributed.mean_over_ranks(loss, self.device)
 
-    def _sync_free_epoch(self, train_data, epoch_idx, loss_func, show_progress=False):
+    def _sync_free_epoch(self, train_data, epoch_idx, loss_func, show_progress=False, graphs=None):
         """RecBole's Trainer._train_epoch, with one device-to-host read per epoch.
 
         The same steps in the same order (set_epoch, reduce hook, fp16 autocast and grad
@@ -399,7 +438,7 @@ class Trainer(RecBoleTrainer):
         if show_progress:
             batches = tqdm(batches, total=len(train_data), ncols=100,
                            desc=set_color(f"Train {epoch_idx:>5}", "pink"))
-        total = self._train_steps(batches, loss_func, show_progress)
+        total = self._train_steps(batches, loss_func, show_progress, graphs)
         if total is None:
             return None
         sums = total.tolist()  # the epoch's one device-to-host read: a float, or a list for tuple losses
@@ -407,15 +446,27 @@ class Trainer(RecBoleTrainer):
             raise ValueError(f"Training loss is nan (epoch {epoch_idx})")
         return tuple(sums) if isinstance(sums, list) else sums
 
-    def _train_steps(self, batches, loss_func, show_progress=False):
+    def _train_steps(self, batches, loss_func, show_progress=False, graphs=None):
         """One training step per batch (already on the device); returns the detached sum of
         their losses on the device, float64: () for a loss, (parts,) for a tuple of losses;
         None for no batches. Nothing here waits for the device, except RecBole's fp16 grad
-        scaler (enable_scaler), whose step reads its overflow check back."""
+        scaler (enable_scaler), whose step reads its overflow check back.
+
+        graphs: a GraphedSteps (ssd4rec.graph_step), which takes the batches it can and
+        leaves the rest to the eager step here (counted in rows_trained and steps_trained
+        either way)."""
         several = not self.config["single_spec"]
         scaler = torch.amp.GradScaler("cuda", enabled=self.enable_scaler)
         total = None
+        if graphs is not None:
+            graphs.begin_epoch()
+        graphed = False
         for interaction in batches:
+            if graphs is not None and graphs.step(interaction):
+                self.rows_trained += len(interaction)
+                self.steps_trained += 1
+                graphed = True
+                continue
             self.optimizer.zero_grad()
             sync_loss = 0
             if several:
@@ -436,8 +487,14 @@ class Trainer(RecBoleTrainer):
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             scaler.step(self.optimizer)
             scaler.update()
+            # A live loss keeps its autograd graph's nodes, and with them the parameters'
+            # gradient accumulators and the stream they were made on: a CUDA graph captured
+            # next would have to wait on that stream, which capture forbids.
+            loss = losses = None
             if self.gpu_available and show_progress:
                 batches.set_postfix_str(set_color("GPU RAM: " + get_gpu_usage(self.device), "yellow"))
+        if graphed:
+            total = graphs.loss_sum.clone() if total is None else total + graphs.loss_sum
         return total
 
     def set_reduce_hook(self):

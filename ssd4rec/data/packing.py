@@ -45,6 +45,11 @@ class PackedBatch:
 HOST_TOTAL_TOKENS = "host_total_tokens"
 
 
+# A batch field of per-row loss weights (float, (B,)): rows of weight 0 pad a batch to a fixed
+# token count (ssd4rec.graph_step) and take no part in its loss or gradients.
+ROW_WEIGHT_FIELD = "row_weight"
+
+
 def host_total_tokens(interaction):
     """T of an interaction batch as summed on the host, or None when it was not."""
     return getattr(interaction, HOST_TOTAL_TOKENS, None)

@@ -14,9 +14,10 @@ mask token of training-time item masking, as in the official code.
 
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
+from torch.nn import functional as F
 
 from ssd4rec.data.dataset import HISTORY_END_FIELD, attach_history_store
-from ssd4rec.data.packing import host_total_tokens, pack_batch
+from ssd4rec.data.packing import ROW_WEIGHT_FIELD, host_total_tokens, pack_batch
 from ssd4rec.models.init import sasrec_init
 from ssd4rec.modules import bissd_glue
 from ssd4rec.modules.compiled_glue import resolve_compile_glue
@@ -101,10 +102,24 @@ class SSD4Rec(SequentialRecommender):
         return self.encoder(x, packed.cu_seqlens, packed.seq_idx, packed.reverse_index, packed.last_index)
 
     def calculate_loss(self, interaction):
+        """Cross-entropy over all items at each history's last token, the mean over rows; with
+        ROW_WEIGHT_FIELD in the batch, the weighted mean (rows of weight 0 pad the batch)."""
         packed = self.pack(interaction)
         seq_output = self.forward(packed)
         logits = seq_output @ self.item_embedding.weight.T
-        return self.loss_fct(logits, packed.targets)
+        if ROW_WEIGHT_FIELD not in interaction:
+            return self.loss_fct(logits, packed.targets)
+        weight = interaction[ROW_WEIGHT_FIELD]
+        per_row = F.cross_entropy(logits, packed.targets, reduction="none")
+        return (per_row * weight).sum() / weight.sum()
+
+    def padding_row(self, tokens):
+        """The fields of a training sample of ``tokens`` tokens that pads a batch to a fixed
+        token count (ssd4rec.graph_step), or None when the store is too short. It is given row
+        weight 0, so its history can be any ``tokens`` stored items: the store's first ones."""
+        if tokens > self.history_item.numel():
+            return None
+        return {HISTORY_END_FIELD: tokens, self.ITEM_SEQ_LEN: tokens, self.POS_ITEM_ID: 0}
 
     def predict(self, interaction):
         seq_output = self.forward(self.pack(interaction))
