@@ -68,7 +68,8 @@ def time_run(trainer, loader, batches, epoch, precision):
     row = benchmark.timed_epoch(trainer, benchmark.FirstBatches(loader, batches), epoch, amp, None,
                                 lambda inter: inter[field].sum())
     return dict(s_per_batch=row["time_s"] / max(row["batches"], 1), batches=row["batches"],
-                tokens=row["tokens"], peak_gib=row["peak_gib"])
+                tokens=row["tokens"], peak_gib=row["peak_gib"], reserved_gib=row["reserved_gib"],
+                **{key: value for key, value in row.items() if key.startswith("graph")})
 
 
 def markdown(results):

@@ -112,6 +112,15 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def reserved_gib(device):
+    """The most memory the caching allocator held (what nvidia-smi sees of it): with CUDA
+    graphs the peak of allocated memory misses the graphs' pool, which replays reuse
+    without allocating."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved() / 2**30
+
+
 def reset_peak(device):
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -422,13 +431,14 @@ def timed_epoch(trainer, train_data, epoch_idx, amp, max_s, token_counter):
     n_total = len(train_data)
     n = done[0]
     row = dict(epoch=epoch_idx, amp=amp or "fp32", time_s=t, batches=n, batches_total=n_total,
-               partial=partial, tokens=tokens[0], peak_gib=peak_gib(device),
+               partial=partial, tokens=tokens[0], peak_gib=peak_gib(device), reserved_gib=reserved_gib(device),
                mean_loss=None if loss is None else loss / n,
                # seconds from epoch start at which batch 1, 2, 3, 5, 9, ... was drawn from the loader
                batch_start_s={str(k): round(stamps[k - 1], 3) for k in (1, 2, 3, 5, 9, 17, 33, 65, 129)
                               if k <= len(stamps)})
     if graphs is not None:  # totals over the trainer's life: steps replayed, batches left eager
-        row.update(graph_replays=graphs.replays, graph_eager=graphs.eager, graphs=len(graphs.graphs))
+        row.update(graph_replays=graphs.replays, graph_eager=graphs.eager, graphs=len(graphs.graphs),
+                   graph_capture_memory=list(graphs.capture_memory))
     if n > 0:
         row["tokens_per_s"] = row["tokens"] / t
         row["s_per_batch"] = t / n

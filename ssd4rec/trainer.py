@@ -47,6 +47,10 @@ from ssd4rec.errors import SSD4RecError
 from ssd4rec.models import MODELS
 
 
+# graph_step when the key is absent, as config.yaml: on where it can be (ssd4rec.graph_step).
+GRAPH_STEP = "auto"
+
+
 def plain_values(config):
     """The config's values that are plain Python data (what weights_only accepts)."""
 
@@ -312,7 +316,7 @@ class Trainer(RecBoleTrainer):
     def _graph_step_wanted(config, model, several):
         """graph_step's value resolved against this run: True, False, or an error naming why
         it cannot be had (auto: on where it can be)."""
-        value = config["graph_step"] if "graph_step" in config else False
+        value = config["graph_step"] if "graph_step" in config else GRAPH_STEP
         if value is None or value is False:
             return False
         learner = config["learner"] if "learner" in config else "adam"
