@@ -36,6 +36,10 @@ from ssd4rec.data.packing import HOST_TOTAL_TOKENS, ROW_WEIGHT_FIELD, host_total
 # padding costs at most 1/PAD_DIVISOR of a batch's tokens (half that on average).
 PAD_DIVISOR = 64
 MIN_STEP = 256
+# Buckets met in 3 shuffled epochs at batch 1024 (scripts/graph_buckets.py on the real copies):
+# ML-1M 18 (histories <= 200) and 25 (whole), Beauty 13, Video Games 30; with the pool shared
+# and allocations rounded, one more graph costs its capture and next to no memory.
+MAX_GRAPHS = 64
 
 
 # Every bucket's capture allocates tensors a little larger or smaller than the last one's,
@@ -81,7 +85,7 @@ class GraphedSteps:
     max_graphs: the most buckets captured; batches of other buckets run eagerly
     """
 
-    def __init__(self, model, optimizer, amp_dtype=None, clip_grad_norm=None, max_graphs=32):
+    def __init__(self, model, optimizer, amp_dtype=None, clip_grad_norm=None, max_graphs=MAX_GRAPHS):
         self.model = model
         self.optimizer = optimizer
         self.amp_dtype = amp_dtype
