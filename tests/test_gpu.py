@@ -759,23 +759,6 @@ SHORT_TOL = {"none": dict(rtol=1e-4, atol=2e-6), "bf16": dict(rtol=1e-2, atol=2e
 LOSS_RTOL = {"none": 1e-6, "bf16": 1e-3}
 
 
-class _FirstBatches:
-    """The first ``limit`` batches of a training loader (with what _train_epoch uses)."""
-
-    def __init__(self, loader, limit):
-        self.loader, self.limit = loader, limit
-        self.shuffle, self.sampler = loader.shuffle, loader.sampler
-
-    def __len__(self):
-        return min(self.limit, len(self.loader))
-
-    def __iter__(self):
-        for done, batch in enumerate(self.loader):
-            if done == len(self):
-                break
-            yield batch
-
-
 def _graph_trainer(work, graph_step, amp):
     from recbole.utils import init_seed
 
@@ -807,10 +790,13 @@ def _graph_trainer(work, graph_step, amp):
 
 def _two_epochs(work, amp, limit=None):
     """{graph_step: (epoch losses, parameters, trainer, batches an epoch)}"""
+    from tests.script_support import load_script
+
+    first_batches = load_script("benchmark").FirstBatches
     results = {}
     for graph_step in (False, True):
         trainer, train = _graph_trainer(work, graph_step, amp)
-        batches = train if limit is None else _FirstBatches(train, limit)
+        batches = train if limit is None else first_batches(train, limit)
         losses = [trainer._train_epoch(batches, epoch) for epoch in range(2)]
         params = {name: p.detach().float().clone() for name, p in trainer.model.named_parameters()}
         results[graph_step] = losses, params, trainer, len(batches)
