@@ -46,7 +46,8 @@ MAX_GRAPHS = 64
 # and the caching allocator, which fits blocks by size, could not reuse the pool's blocks for
 # larger ones: on the H100, ML-1M bf16, the memory held grew with every capture, from 5.7 to
 # 11.5 GiB over 15 buckets. Rounding allocations up to quarters of a power of two lets them
-# share blocks: 6.3 GiB after all 15, the step as fast (19.1 against 19.0 ms). README, session 19.
+# share blocks: 6.3 GiB after all 15, the step as fast (19.1 and 19.2 against 19.0 ms).
+# README, session 19.
 ALLOCATOR_SETTINGS = "roundup_power2_divisions:4"
 
 
@@ -55,7 +56,8 @@ def round_allocations():
     already sets how it behaves (the user's choice wins)."""
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
         return
-    # torch has no public call for this; the private one moved in torch 2.12.
+    # torch has no public call for this, and the private one has moved between releases
+    # (torch 2.13 deprecates torch.cuda.memory's in favour of torch._C's).
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if setter is None:
         setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
