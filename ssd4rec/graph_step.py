@@ -44,7 +44,7 @@ MAX_GRAPHS = 64
 
 # Every bucket's capture allocates tensors a little larger or smaller than the last one's,
 # and the caching allocator, which fits blocks by size, could not reuse the pool's blocks for
-# larger ones: on the H100, ML-1M bf16, the memory held grew with every capture, from 5.7 to
+# larger ones: on the H100, ML-1M bf16, the memory held grew as captures went on, from 5.7 to
 # 11.5 GiB over 15 buckets. Rounding allocations up to quarters of a power of two lets them
 # share blocks: 6.3 GiB after all 15, the step as fast (19.1 and 19.2 against 19.0 ms).
 # README, session 19.
