@@ -85,9 +85,10 @@ class GraphedSteps:
     amp_dtype:  the autocast dtype of the loss, or None
     clip_grad_norm: RecBole's clip_grad_norm dict, or None
     max_graphs: the most buckets captured; batches of other buckets run eagerly
+    rows:       the batch size to graph (the loader's); None takes the first batch's
     """
 
-    def __init__(self, model, optimizer, amp_dtype=None, clip_grad_norm=None, max_graphs=MAX_GRAPHS):
+    def __init__(self, model, optimizer, amp_dtype=None, clip_grad_norm=None, max_graphs=MAX_GRAPHS, rows=None):
         self.model = model
         self.optimizer = optimizer
         self.amp_dtype = amp_dtype
@@ -98,7 +99,7 @@ class GraphedSteps:
             round_allocations()
         self.graphs = {}  # padded token count -> torch.cuda.CUDAGraph
         self.pool = None  # the memory pool the graphs share
-        self.rows = None  # batch size of the graphed batches (the first batch's)
+        self.rows = rows  # batch size of the graphed batches (None: the first batch's)
         self.inputs = None  # Interaction of static (rows + 1,) buffers; the last row pads
         self.fingerprint = None  # what the graphs captured (see _fingerprint)
         self.stream = None  # a CUDA stream for warm-ups and captures
@@ -122,7 +123,7 @@ class GraphedSteps:
     def step(self, interaction):
         """Train on ``interaction`` (on the device) through a graph; False, having done
         nothing, when this batch must take the eager step instead."""
-        if not self.model.training or (self.rows is None and not self._optimizer_ready()):
+        if not self.model.training or (not self.graphs and not self._optimizer_ready()):
             return False  # the first eager step creates the optimizer's state
         bucket = self.fill(interaction)
         if bucket is None or (bucket not in self.graphs and len(self.graphs) >= self.max_graphs):

@@ -341,7 +341,8 @@ class Trainer(RecBoleTrainer):
             return None
         from ssd4rec.graph_step import GraphedSteps
 
-        return GraphedSteps(model, self.optimizer, amp_dtype=self.amp_dtype, clip_grad_norm=self.clip_grad_norm)
+        return GraphedSteps(model, self.optimizer, amp_dtype=self.amp_dtype, clip_grad_norm=self.clip_grad_norm,
+                            rows=self.config["train_batch_size"])
 
     def _build_optimizer(self, **kwargs):
         """RecBole's optimizer, except Adam and AdamW on a CUDA device: their fused kernels (one

@@ -162,3 +162,15 @@ def test_graphs_are_dropped_when_what_they_captured_changes(data_dir):
     steps.amp_dtype = torch.bfloat16
     steps.begin_epoch()
     assert not steps.graphs
+
+
+def test_only_batches_of_the_loaders_size_are_graphed(data_dir):
+    """With the loader's batch size given, a smaller batch seen first (a short epoch's last)
+    does not become the size that is graphed."""
+    config, train = config_and_loader(data_dir)
+    model = SSD4Rec(config, train._dataset)
+    batches = [to_device(batch, torch.device("cpu"), model.ITEM_SEQ_LEN) for batch in train]
+    steps = GraphedSteps(model, torch.optim.Adam(model.parameters()), rows=config["train_batch_size"])
+    assert len(batches[-1]) < config["train_batch_size"]
+    assert steps.fill(batches[-1]) is None
+    assert steps.fill(batches[0]) == bucket_tokens(getattr(batches[0], HOST_TOTAL_TOKENS))
