@@ -18,7 +18,7 @@ graphed step against the eager one).
 One graph per bucket holds the forward pass, the backward pass, gradient clipping and
 the optimizer step; the graphs share one memory pool, since they never run at once,
 and read their batch from one set of static input buffers. Batches of another size
-than the first (an epoch's last), and new buckets once ``max_graphs`` are captured,
+than the loader's (an epoch's last), and new buckets once ``max_graphs`` are captured,
 run eagerly. The model supplies the padding sample (``padding_row``) and honours the
 row weights (``ROW_WEIGHT_FIELD``); the optimizer must be capturable (fused Adam is).
 """
@@ -140,7 +140,7 @@ class GraphedSteps:
         """Copy a batch, and the padding row that brings it to its bucket, into the static
         inputs (``self.inputs``, whose HOST_TOTAL_TOKENS is set to the bucket); returns the
         bucket, or None (nothing copied) for a batch the graphs cannot take: no host-side
-        token count, another size than the first batch's, or no padding row."""
+        token count, another size than ``rows``, or no padding row."""
         tokens = host_total_tokens(interaction)
         if tokens is None:
             return None
