@@ -155,9 +155,13 @@ def worker(local_rank, nproc, port, args, overrides, queue):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         capped = FirstBatches(train_data, args.max_batches, field)
+        graphs = trainer.graphed_steps
+        replays_before = graphs.replays if graphs is not None else 0
         trainer._train_epoch(capped, epoch)
         ranks = distributed.gather({"seconds": trainer.epoch_seconds[-1], "tokens": capped.tokens,
-                                    "batches": capped.batches, "peak_gib": peak_gib(device)})
+                                    "batches": capped.batches, "peak_gib": peak_gib(device),
+                                    "graph_replays": graphs.replays - replays_before if graphs is not None else 0,
+                                    "graphs": len(graphs.graphs) if graphs is not None else 0})
         seconds = max(r["seconds"] for r in ranks)
         tokens = sum(r["tokens"] for r in ranks)
         row = {
@@ -173,12 +177,16 @@ def worker(local_rank, nproc, port, args, overrides, queue):
             "seconds_per_batch": seconds / capped.batches,
             "seconds_per_epoch": seconds / capped.batches * len(train_data),
             "peak_gib_per_rank": [r["peak_gib"] for r in ranks],
+            # steps replayed from CUDA graphs (graph_step), and graphs held, per rank
+            "graph_replays_per_rank": [r["graph_replays"] for r in ranks],
+            "graphs_per_rank": [r["graphs"] for r in ranks],
         }
         epochs.append(row)
         label = "measured" if row["whole_epoch"] else "extrapolated"
         say(f"{tag} epoch {epoch}: {capped.batches}/{len(train_data)} batches, {tokens} tokens in {seconds:.2f} s: "
             f"{row['tokens_per_s']:,.0f} tokens/s, {row['seconds_per_batch'] * 1e3:.1f} ms/batch, "
-            f"{row['seconds_per_epoch']:.1f} s/epoch ({label}); rank seconds {row['seconds_per_rank']}")
+            f"{row['seconds_per_epoch']:.1f} s/epoch ({label}); rank seconds {row['seconds_per_rank']}; "
+            f"graphed steps {row['graph_replays_per_rank']}, graphs {row['graphs_per_rank']}")
     if local_rank == 0:
         queue.put({
             "processes": world.size,
@@ -186,6 +194,9 @@ def worker(local_rank, nproc, port, args, overrides, queue):
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "backend": world.backend if world.size > 1 else None,
             "rows_per_rank_step": config["train_batch_size"] // world.size,
+            "graph_step": trainer.graph_step,
+            "gradients": "flat all-reduce" if trainer.flat_gradients is not None else (
+                "DDP reducer" if world.size > 1 else None),
             "warmup_batches": warm.batches,
             "epochs": epochs,
         })
@@ -223,16 +234,17 @@ def write(out, results):
         f"global batch {results['train_batch_size']} rows; {results['warmup_batches']} warm-up batches per "
         f"process; epochs cut to their first {results['max_batches'] or 'all'} batches.",
         "",
-        "| processes | device | rows a rank a step | timed batches (of an epoch) | tokens | seconds "
+        "| processes | device | gradients (graph_step) | rows a rank a step | timed batches (of an epoch) | tokens | seconds "
         "| tokens/s | ms/batch | s/epoch | peak GiB | speed-up (tokens/s) | speed-up (s/epoch) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, phase in sorted(results["phases"].items(), key=lambda kv: int(kv[0])):
         s = phase["summary"]
         up = results["speedup"].get(n, {})
         peak = "-" if s["peak_gib"] is None else f"{s['peak_gib']:.1f}"
         lines.append(
-            f"| {n} | {phase['device_name']} | {phase['rows_per_rank_step']} | {s['timed_batches']} "
+            f"| {n} | {phase['device_name']} | {phase.get('gradients') or '-'} ({phase.get('graph_step')}) "
+            f"| {phase['rows_per_rank_step']} | {s['timed_batches']} "
             f"({s['batches_per_epoch']}) | {s['tokens']:,} | {s['seconds']:.2f} | {s['tokens_per_s']:,.0f} "
             f"| {s['seconds_per_batch'] * 1e3:.1f} | {s['seconds_per_epoch']:.1f} ({s['seconds_per_epoch_is']}) "
             f"| {peak} | {up.get('tokens_per_s', float('nan')):.2f}x | {up.get('seconds_per_epoch', float('nan')):.2f}x |"

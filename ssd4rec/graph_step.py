@@ -21,6 +21,10 @@ and read their batch from one set of static input buffers. Batches of another si
 than the loader's (an epoch's last), and new buckets once ``max_graphs`` are captured,
 run eagerly. The model supplies the padding sample (``padding_row``) and honours the
 row weights (``ROW_WEIGHT_FIELD``); the optimizer must be capturable (fused Adam is).
+
+With several processes the gradients live in one flat buffer (``gradients``, a
+ssd4rec.gradient_sync.FlatGradients) whose all-reduce each graph holds, between the
+backward pass and clipping: the module there says why DDP's reducer cannot serve.
 """
 
 import os
@@ -86,14 +90,18 @@ class GraphedSteps:
     clip_grad_norm: RecBole's clip_grad_norm dict, or None
     max_graphs: the most buckets captured; batches of other buckets run eagerly
     rows:       the batch size to graph (the loader's); None takes the first batch's
+    gradients:  a FlatGradients to average over the processes after each backward pass, or
+                None (one process: the graph's backward pass makes the gradients)
     """
 
-    def __init__(self, model, optimizer, amp_dtype=None, clip_grad_norm=None, max_graphs=MAX_GRAPHS, rows=None):
+    def __init__(self, model, optimizer, amp_dtype=None, clip_grad_norm=None, max_graphs=MAX_GRAPHS, rows=None,
+                 gradients=None):
         self.model = model
         self.optimizer = optimizer
         self.amp_dtype = amp_dtype
         self.clip_grad_norm = clip_grad_norm
         self.max_graphs = max_graphs
+        self.gradients = gradients
         self.device = next(model.parameters()).device
         if self.device.type == "cuda":
             round_allocations()
@@ -179,28 +187,39 @@ class GraphedSteps:
         optimizer step is taken, so training is unchanged. Capturing runs no kernel."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            self._loss().backward()
+            self._loss().backward()  # no all-reduce: these gradients are thrown away
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        # Gradients that are None at capture are created by the graph's backward pass,
-        # in its pool, and written afresh (not accumulated) at every replay.
-        self.optimizer.zero_grad(set_to_none=True)
+        # One process: gradients that are None at capture are created by the graph's
+        # backward pass, in its pool, and written afresh (not accumulated) at every replay.
+        # Several: backward adds into the flat buffer, which the graph zeroes first.
+        self._zero_grad()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            if self.gradients is not None:
+                self.gradients.buffer.zero_()
             loss = self._loss()
             loss.backward()
+            if self.gradients is not None:
+                self.gradients.average_()
             if self.clip_grad_norm:
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             self.optimizer.step()
             self.loss_sum += loss.detach().to(torch.float64)
-        self.optimizer.zero_grad(set_to_none=True)  # eager steps get gradients of their own
+        self._zero_grad()  # one process: eager steps get gradients of their own
         if self.pool is None:
             self.pool = graph.pool()
             self.fingerprint = self._fingerprint()
         self.capture_memory.append((bucket, round(torch.cuda.memory_reserved(self.device) / 2**30, 2)))
         return graph
+
+    def _zero_grad(self):
+        if self.gradients is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.gradients.zero_()
 
     def _optimizer_ready(self):
         # A state created inside a capture would be re-created (zeroed) at every replay.

@@ -277,8 +277,18 @@ class Trainer(RecBoleTrainer):
             super().__init__(config, model)
         finally:
             config["single_spec"] = not several
-        if several:
+        # Graphed steps with a process group average their gradients in one flat buffer
+        # (ssd4rec.gradient_sync says why DDP's reducer cannot serve them); None otherwise.
+        # A one-process run has no group; the GPU tests start one of size 1.
+        self.flat_gradients = None
+        if self.graph_step and torch.distributed.is_initialized():
+            from ssd4rec.gradient_sync import FlatGradients, broadcast_module
+
+            broadcast_module(model)
+            self.flat_gradients = FlatGradients(model.parameters())
+        elif several:
             self.distributed_model = distributed.wrap_model(model, config["device"])
+        if several:
             self.eval_collector = distributed.ShardCollector(config)
             if not distributed.is_main_process():
                 self.tensorboard = distributed.silence_tensorboard(self.tensorboard)
@@ -319,10 +329,14 @@ class Trainer(RecBoleTrainer):
         value = config["graph_step"] if "graph_step" in config else GRAPH_STEP
         if value is None or value is False:
             return False
+        if value == "auto" and several:
+            # Graphed steps on several processes (their gradients averaged by
+            # ssd4rec.gradient_sync) have run on one GPU in a group of one, not yet on
+            # several GPUs: auto leaves them to an explicit graph_step: True.
+            return False
         learner = config["learner"] if "learner" in config else "adam"
         obstacles = [
             (torch.device(config["device"]).type != "cuda", "a CUDA device"),
-            (several, "one process (DDP steps run eagerly)"),
             (config["sync_free_step"] is False if "sync_free_step" in config else False, "sync_free_step: True"),
             (bool(config["enable_amp"] or config["enable_scaler"]) if "enable_amp" in config else False,
              "RecBole's fp16 AMP off (use amp: bf16)"),
@@ -341,8 +355,10 @@ class Trainer(RecBoleTrainer):
             return None
         from ssd4rec.graph_step import GraphedSteps
 
+        # With several processes RecBole's loaders give each rank train_batch_size / N rows.
+        rows = self.config["train_batch_size"] // distributed.world_size()
         return GraphedSteps(model, self.optimizer, amp_dtype=self.amp_dtype, clip_grad_norm=self.clip_grad_norm,
-                            rows=self.config["train_batch_size"])
+                            rows=rows, gradients=self.flat_gradients)
 
     def _build_optimizer(self, **kwargs):
         """RecBole's optimizer, except Adam and AdamW on a CUDA device: their fused kernels (one
@@ -472,9 +488,13 @@ class Trainer(RecBoleTrainer):
                 self.steps_trained += 1
                 graphed = True
                 continue
-            self.optimizer.zero_grad()
+            flat = self.flat_gradients
+            if flat is None:
+                self.optimizer.zero_grad()
+            else:
+                flat.zero_()
             sync_loss = 0
-            if several:
+            if several and flat is None:
                 self.set_reduce_hook()
                 sync_loss = self.sync_grad_loss()
             with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
@@ -488,6 +508,8 @@ class Trainer(RecBoleTrainer):
                 parts = losses.detach().to(torch.float64).reshape(())
             total = parts if total is None else total + parts
             scaler.scale(loss + sync_loss).backward()
+            if flat is not None:
+                flat.average_()  # the one all-reduce a graphed step also makes
             if self.clip_grad_norm:
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
             scaler.step(self.optimizer)

@@ -202,9 +202,50 @@ def _toy_model():
     return _Toy()
 
 
-def _toy_data():
+def _toy_data(rows=8):
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, generator=generator), torch.randn(8, generator=generator)
+    return torch.randn(rows, 3, generator=generator), torch.randn(rows, generator=generator)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "flat"])
+def test_two_ranks_train_as_one_process_on_the_whole_batches(mode, tmp_path):
+    """Both ways of averaging gradients (DDP's reducer for eager steps, one flat all-reduce
+    for graphed ones, ssd4rec.gradient_sync) give the steps of one process on the whole
+    8-row batches, from rank 0's initial weights."""
+    torch.multiprocessing.spawn(_steps_worker, args=(distributed.free_port("127.0.0.1"), tmp_path, mode), nprocs=2)
+    model = _toy_model()
+    # SGD, whose step scales with the gradient (Adam's would hide a sum taken for a mean).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    x, y = _toy_data(rows=24)
+    for step in (0, 8, 16):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x[step:step + 8]), y[step:step + 8]).backward()
+        optimizer.step()
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"{mode}{rank}.pt", weights_only=True)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
+        assert result["loss_sum"].dtype == torch.float64
+
+
+def test_flat_gradients_are_views_that_survive_zero_grad():
+    from ssd4rec.gradient_sync import FlatGradients
+
+    model = _toy_model()
+    flat = FlatGradients(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.zero_grad()  # sets every .grad to None
+    flat.zero_()
+    x, y = _toy_data()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g.untyped_storage().data_ptr() == flat.buffer.untyped_storage().data_ptr() for g in grads)
+    assert torch.equal(flat.buffer, torch.cat([g.flatten() for g in grads]))
+    assert torch.equal(model.unused.grad, torch.zeros(2))  # a gradient for every parameter, as under DDP
+    assert flat.buffer.abs().sum() > 0
+    before = flat.buffer.clone()
+    flat.average_()  # no process group: nothing to average
+    assert torch.equal(flat.buffer, before)
 
 
 def test_gradients_are_averaged_over_ranks_as_one_full_batch(tmp_path):
@@ -217,6 +258,38 @@ def test_gradients_are_averaged_over_ranks_as_one_full_batch(tmp_path):
         assert torch.allclose(grads["linear.weight"], model.linear.weight.grad, atol=1e-6)
         assert torch.allclose(grads["linear.bias"], model.linear.bias.grad, atol=1e-6)
         assert torch.equal(grads["unused"], torch.zeros(2))
+
+
+def _steps_worker(rank, port, out, mode):
+    """One of two gloo ranks: three of the trainer's steps (Trainer._train_steps) on this
+    rank's half of each batch, its gradients averaged by DDP's reducer (mode "ddp") or by
+    one flat all-reduce (mode "flat", what graphed steps use), from weights that differ by
+    rank until the run copies rank 0's."""
+    from recbole.trainer.trainer import AbstractTrainer
+
+    from ssd4rec.gradient_sync import FlatGradients, broadcast_module
+    from ssd4rec.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    model = _Toy()
+    trainer = types.SimpleNamespace(
+        model=model, device=torch.device("cpu"), config={"single_spec": False}, enable_amp=False,
+        enable_scaler=False, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), clip_grad_norm=None,
+        gpu_available=False, rows_trained=0, steps_trained=0, flat_gradients=None, _hook_input=None)
+    if mode == "flat":
+        broadcast_module(model)
+        trainer.flat_gradients = FlatGradients(model.parameters())
+    else:
+        trainer.distributed_model = distributed.wrap_model(model, trainer.device)
+        trainer.set_reduce_hook = types.MethodType(Trainer.set_reduce_hook, trainer)
+        trainer.sync_grad_loss = types.MethodType(AbstractTrainer.sync_grad_loss, trainer)
+    x, y = _toy_data(rows=24)
+    halves = [(x[step:step + 8][rank::2], y[step:step + 8][rank::2]) for step in (0, 8, 16)]
+    total = Trainer._train_steps(trainer, halves, lambda batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]))
+    torch.save({"params": dict(model.state_dict()), "loss_sum": total}, out / f"{mode}{rank}.pt")
+    dist.destroy_process_group()
 
 
 def test_evaluation_rows_of_padding_users_are_dropped(train_split):

@@ -835,3 +835,35 @@ def test_graphed_steps_match_eager_steps(amp, tmp_path, fresh_dynamo):
     assert steps.replays + steps.eager == 2 * n - 1 and steps.eager <= 2 and len(steps.graphs) >= 2
     for ours, theirs in zip(graph_losses, eager_losses):
         assert ours == pytest.approx(theirs, rel=LOSS_RTOL[amp])
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_graphed_steps_with_flat_gradients_match_eager_steps(amp, tmp_path, fresh_dynamo):
+    """The graphed steps of several processes: the gradients in one flat buffer and its
+    NCCL all-reduce captured in every graph (ssd4rec.gradient_sync), here in a process
+    group of one on this GPU (two ranks need two GPUs: scripts/bench_ddp.py). The eager
+    trainer steps without the group's help; the graphed one averages over a group of one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        for limit in (8, None):
+            results = _two_epochs(tmp_path, amp, limit=limit)
+            eager_losses, eager_params, eager, n = results[False]
+            graph_losses, graph_params, graphed, _ = results[True]
+            steps = graphed.graphed_steps
+            assert graphed.flat_gradients is not None and steps.gradients is graphed.flat_gradients
+            assert eager.flat_gradients is None
+            worst = _largest_difference(graph_params, eager_params)
+            print(f"\n[flat gradients {amp}] {n} batches an epoch, {steps.replays} graphed steps, "
+                  f"{len(steps.graphs)} graphs, {steps.eager} eager after the first; losses {graph_losses} against "
+                  f"{eager_losses}; largest parameter difference {worst[0]:.2e} ({worst[1]})")
+            assert steps.replays + steps.eager == 2 * n - 1 and steps.replays >= n
+            for ours, theirs in zip(graph_losses, eager_losses):
+                assert ours == pytest.approx(theirs, rel=LOSS_RTOL[amp])
+            if limit is not None:
+                for name, param in eager_params.items():
+                    torch.testing.assert_close(graph_params[name], param, **SHORT_TOL[amp], msg=name)
+    finally:
+        dist.destroy_process_group()

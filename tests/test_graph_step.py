@@ -132,6 +132,18 @@ def test_graph_step_auto_is_off_without_cuda(data_dir, tmp_path):
     assert trainer.graph_step is False and trainer.graphed_steps is None
 
 
+@pytest.mark.parametrize("value, several, wanted", [
+    ("auto", False, True), (True, False, True),
+    ("auto", True, False),  # not yet measured on several GPUs: left to an explicit True
+    (True, True, True), (False, True, False),
+])
+def test_graph_step_with_several_processes_only_when_asked(value, several, wanted):
+    config = {"graph_step": value, "device": "cuda:0", "learner": "adam", "sync_free_step": True,
+              "enable_amp": False, "enable_scaler": False}
+    padding_model = type("Padded", (), {"padding_row": None})()
+    assert Trainer._graph_step_wanted(config, padding_model, several) is wanted
+
+
 def test_graph_step_value_is_checked(data_dir):
     with pytest.raises(SSD4RecError, match="'graph_step': expected True, False or auto"):
         config_and_loader(data_dir, "--graph_step=sometimes")
