@@ -820,8 +820,9 @@ def print_tables():
         res = RESULTS.get(name)
         if not res:
             continue
-        lines += ["", f"{name} on {RESULTS['args']['dataset']} (Trainer._train_epoch, batch 1024); data prep "
-                      f"{res.get('data_prep_s', 0):.1f} s, {res.get('train_batches')} batches/epoch"]
+        lines += ["", f"{name} on {RESULTS['args']['dataset']} (Trainer._train_epoch, batch "
+                      f"{RESULTS['args']['batch_size']}); data prep {res.get('data_prep_s', 0):.1f} s, "
+                      f"{res.get('train_batches')} batches/epoch"]
         lines.append(f"{'epoch':>5s} {'prec':5s} {'timed s':>8s} {'batches':>9s} {'epoch s':>8s} "
                      f"{'steady s':>8s} {'M tok/s':>8s} {'peak GiB':>8s}  note")
         for r in res.get("epochs", []):
