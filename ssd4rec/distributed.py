@@ -16,7 +16,9 @@ What RecBole 1.2.1 does that works, and is used as it is:
   - its Trainer calls the sampler's ``set_epoch`` and reduces gradients through a
     ``DistributedDataParallel`` reducer while calling ``model.calculate_loss`` directly
     (``set_reduce_hook``, ``sync_grad_loss``), so ``trainer.model`` stays the bare module
-    and checkpoints carry no ``module.`` prefix.
+    and checkpoints carry no ``module.`` prefix. (With ``graph_step: True`` the steps are
+    CUDA graphs and no DDP wrapper is built: ssd4rec.gradient_sync averages the gradients,
+    one all-reduce a step, and copies rank 0's weights to the others at the start.)
 
 What breaks, and is replaced here:
   - ``Config._init_device`` starts the group only with a hard-coded NCCL backend on
