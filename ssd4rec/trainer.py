@@ -476,7 +476,8 @@ class Trainer(RecBoleTrainer):
         graphs: a GraphedSteps (ssd4rec.graph_step), which takes the batches it can and
         leaves the rest to the eager step here (counted in rows_trained and steps_trained
         either way)."""
-        several = not self.config["single_spec"]
+        flat = self.flat_gradients  # graphed steps' gradient averaging; None: DDP's reducer (or one process)
+        ddp = not self.config["single_spec"] and flat is None
         scaler = torch.amp.GradScaler("cuda", enabled=self.enable_scaler)
         total = None
         if graphs is not None:
@@ -488,13 +489,12 @@ class Trainer(RecBoleTrainer):
                 self.steps_trained += 1
                 graphed = True
                 continue
-            flat = self.flat_gradients
             if flat is None:
                 self.optimizer.zero_grad()
             else:
                 flat.zero_()
             sync_loss = 0
-            if several and flat is None:
+            if ddp:
                 self.set_reduce_hook()
                 sync_loss = self.sync_grad_loss()
             with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
