@@ -184,14 +184,20 @@ class GraphedSteps:
         The warm-up runs on the capture stream so that everything a first call sets up
         (torch.compile's code for a new shape, Triton's autotuning, cuBLAS's workspace
         for the stream) is done before capture; its gradients are thrown away and no
-        optimizer step is taken, so training is unchanged. Capturing runs no kernel."""
+        optimizer step is taken, and the CUDA random state is put back after it (its dropout
+        masks and item masking drew from it), so training is unchanged: every step, graphed or
+        eager, draws where it would have drawn without graphs, and a resumed run, which captures
+        its graphs in other epochs than the run it resumes, draws the same numbers. Capturing
+        runs no kernel and draws nothing."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         self._zero_grad()
+        random_state = torch.cuda.get_rng_state(self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self._loss().backward()  # no all-reduce: these gradients are thrown away
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        torch.cuda.set_rng_state(random_state, self.device)
         # One process: gradients that are None at capture are created by the graph's
         # backward pass, in its pool, and written afresh (not accumulated) at every replay.
         # Several: backward adds into the flat buffer, which the graph zeroes first.

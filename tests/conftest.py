@@ -1,7 +1,23 @@
+import os
+
 import pytest
 import torch
 
 import ssd4rec  # noqa: F401  (ssd4rec.compat first: RecBole's import-time anomaly mode stays off)
+
+
+@pytest.fixture(autouse=True)
+def restore_cuda_visible_devices():
+    """RecBole's Config writes gpu_id into CUDA_VISIBLE_DEVICES of the test process ('' for a
+    CPU run, '0' by default). Until CUDA starts in the process the variable decides which GPUs
+    it sees, so a CPU test run first could hide every GPU from the GPU tests after it: put
+    back what the process was started with."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    yield
+    if before is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 @pytest.fixture
@@ -26,7 +42,6 @@ def pinned_triton_configs():
     code. Benchmarks and training autotune as usual. SSD4REC_TEST_AUTOTUNE=1 turns this off.
     """
     import importlib
-    import os
 
     if os.environ.get("SSD4REC_TEST_AUTOTUNE") == "1" or not torch.cuda.is_available():
         yield []

@@ -34,6 +34,7 @@ TINY = [
     "--epochs=1",
     "--show_progress=False",
     "--seed=2024",
+    "--gpu_id=",  # the CPU and gloo, also where GPUs are visible (NCCL needs a GPU per process)
 ]
 
 
@@ -111,7 +112,7 @@ def test_an_interrupted_two_process_run_resumes_on_two_processes(one_and_two, wo
     torch.save(torch.load(two["checkpoint"], weights_only=True), resume_dir / "best.pth")
     # A bigger batch only to make the resumed epoch short.
     result = _run_in(workdir / "resume_cwd", [f"--checkpoint={resume_dir / 'last.pth'}",
-                                              f"--data_path={workdir / 'data'}", "--epochs=2", "--nproc=2",
+                                              f"--data_path={workdir / 'data'}", "--epochs=2", "--nproc=2", "--gpu_id=",
                                               "--train_batch_size=1024", "--show_progress=False"])
     resumed = torch.load(resume_dir / "last.pth", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["finished"] is True
@@ -324,7 +325,7 @@ def test_evaluation_rows_of_padding_users_are_dropped(train_split):
 )
 def test_bad_settings_name_their_key(argv, key, workdir):
     with pytest.raises(SSD4RecError, match=re.escape(key)):
-        run(argv + [f"--data_path={workdir / 'data'}"])
+        run(argv + [f"--data_path={workdir / 'data'}", "--gpu_id="])
 
 
 def test_more_processes_than_gpus_is_refused_on_cuda(monkeypatch):

@@ -759,7 +759,7 @@ SHORT_TOL = {"none": dict(rtol=1e-4, atol=2e-6), "bf16": dict(rtol=1e-2, atol=2e
 LOSS_RTOL = {"none": 1e-6, "bf16": 1e-3}
 
 
-def _graph_trainer(work, graph_step, amp):
+def _graph_trainer(work, graph_step, amp, extra=()):
     from recbole.utils import init_seed
 
     from ssd4rec import compat
@@ -777,7 +777,7 @@ def _graph_trainer(work, graph_step, amp):
         "--dataset=ml-100k", f"--data_path={work}", "--hidden_size=32", "--d_state=16", "--headdim=16",
         "--chunk_size=64", "--num_layers=2", "--train_batch_size=64", "--user_inter_num_interval=\"[5,80]\"",
         "--show_progress=False", "--dropout_prob=0", "--maskratio=0", f"--amp={amp}",
-        f"--graph_step={graph_step}",
+        f"--graph_step={graph_step}", *extra,
     ])
     values, _ = collect_values(os.path.join(root, "config.yaml"), os.path.join(root, "datasets"), overrides)
     config = make_recbole_config(SSD4Rec, "ml-100k", values)
@@ -788,18 +788,18 @@ def _graph_trainer(work, graph_step, amp):
     return Trainer(config, model, work / f"run-{graph_step}-{amp}"), train
 
 
-def _two_epochs(work, amp, limit=None):
-    """{graph_step: (epoch losses, parameters, trainer, batches an epoch)}"""
+def _two_epochs(work, amp, limit=None, extra=()):
+    """{graph_step: (epoch losses, parameters, trainer, batches an epoch, CUDA random state after)}"""
     from tests.script_support import load_script
 
     first_batches = load_script("benchmark").FirstBatches
     results = {}
     for graph_step in (False, True):
-        trainer, train = _graph_trainer(work, graph_step, amp)
+        trainer, train = _graph_trainer(work, graph_step, amp, extra)
         batches = train if limit is None else first_batches(train, limit)
         losses = [trainer._train_epoch(batches, epoch) for epoch in range(2)]
         params = {name: p.detach().float().clone() for name, p in trainer.model.named_parameters()}
-        results[graph_step] = losses, params, trainer, len(batches)
+        results[graph_step] = losses, params, trainer, len(batches), torch.cuda.get_rng_state()
     return results
 
 
@@ -812,7 +812,7 @@ def test_graphed_steps_match_eager_steps(amp, tmp_path, fresh_dynamo):
     # A few steps: the first batch runs eagerly (it creates the optimizer's state), the
     # other 7 of the first epoch and all 8 of the second replay graphs.
     results = _two_epochs(tmp_path, amp, limit=8)
-    (eager_losses, eager_params, _, _), (graph_losses, graph_params, graphed, _) = results[False], results[True]
+    (eager_losses, eager_params, _, _, _), (graph_losses, graph_params, graphed, _, _) = results[False], results[True]
     assert graphed.graphed_steps.replays == 15
     worst = _largest_difference(graph_params, eager_params)
     print(f"\n[graph_step {amp}] 16 steps: losses {graph_losses} against {eager_losses}; largest parameter "
@@ -825,7 +825,7 @@ def test_graphed_steps_match_eager_steps(amp, tmp_path, fresh_dynamo):
     # Two whole epochs: every batch but the run's first, and each epoch's last when it is
     # smaller than the others, replays a graph.
     results = _two_epochs(tmp_path, amp)
-    (eager_losses, eager_params, eager, n), (graph_losses, graph_params, graphed, _) = results[False], results[True]
+    (eager_losses, eager_params, eager, n, _), (graph_losses, graph_params, graphed, _, _) = results[False], results[True]
     steps = graphed.graphed_steps
     worst = _largest_difference(graph_params, eager_params)
     print(f"[graph_step {amp}] {n} batches an epoch, {steps.replays} graphed steps, {len(steps.graphs)} graphs, "
@@ -835,6 +835,27 @@ def test_graphed_steps_match_eager_steps(amp, tmp_path, fresh_dynamo):
     assert steps.replays + steps.eager == 2 * n - 1 and steps.eager <= 2 and len(steps.graphs) >= 2
     for ours, theirs in zip(graph_losses, eager_losses):
         assert ours == pytest.approx(theirs, rel=LOSS_RTOL[amp])
+
+
+def test_graphed_steps_draw_the_random_numbers_eager_steps_draw(tmp_path, fresh_dynamo):
+    """With dropout and item masking on, graphed steps draw the masks eager steps draw: each
+    capture's warm-up pass puts the CUDA random state back, and a replay advances it as
+    the eager step does. So the losses and weights match the eager run's, and so does the
+    random state after two epochs (a resumed run, which captures its graphs in other
+    epochs, then draws the same numbers: tests/test_resume_rng.py). Without the put-back,
+    each capture's warm-up shifted every later mask."""
+    results = _two_epochs(tmp_path, "none", limit=8, extra=("--dropout_prob=0.3", "--maskratio=0.2"))
+    (eager_losses, eager_params, _, _, eager_rng), (graph_losses, graph_params, graphed, _, graph_rng) = (
+        results[False], results[True])
+    assert graphed.graphed_steps.replays == 15
+    worst = _largest_difference(graph_params, eager_params)
+    print(f"\n[graph_step, dropout] 16 steps: losses {graph_losses} against {eager_losses}; largest parameter "
+          f"difference {worst[0]:.2e} ({worst[1]})")
+    assert torch.equal(graph_rng, eager_rng)
+    for ours, theirs in zip(graph_losses, eager_losses):
+        assert ours == pytest.approx(theirs, rel=LOSS_RTOL["none"])
+    for name, param in eager_params.items():
+        torch.testing.assert_close(graph_params[name], param, **SHORT_TOL["none"], msg=name)
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
@@ -850,8 +871,8 @@ def test_graphed_steps_with_flat_gradients_match_eager_steps(amp, tmp_path, fres
     try:
         for limit in (8, None):
             results = _two_epochs(tmp_path, amp, limit=limit)
-            eager_losses, eager_params, eager, n = results[False]
-            graph_losses, graph_params, graphed, _ = results[True]
+            eager_losses, eager_params, eager, n, _ = results[False]
+            graph_losses, graph_params, graphed, _, _ = results[True]
             steps = graphed.graphed_steps
             assert graphed.flat_gradients is not None and steps.gradients is graphed.flat_gradients
             assert eager.flat_gradients is None

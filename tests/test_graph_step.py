@@ -25,10 +25,11 @@ from ssd4rec.models import SSD4Rec
 from ssd4rec.trainer import Trainer, to_device
 
 ROOT = Path(__file__).resolve().parents[1]
-# No dropout and no item masking, so that a step is a function of its batch alone.
+# No dropout and no item masking, so that a step is a function of its batch alone; on the
+# CPU also where a GPU is visible (the graphs themselves are tests/test_gpu.py's).
 TINY = ["--dataset=ml-100k", "--hidden_size=16", "--d_state=8", "--headdim=8", "--chunk_size=16",
         "--num_layers=2", "--train_batch_size=64", "--user_inter_num_interval=\"[5,40]\"",
-        "--show_progress=False", "--dropout_prob=0", "--maskratio=0"]
+        "--show_progress=False", "--dropout_prob=0", "--maskratio=0", "--gpu_id="]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -119,14 +120,14 @@ def test_padding_row_needs_enough_stored_items(data_dir):
     assert model.padding_row(stored + 1) is None
 
 
-def test_graph_step_true_without_cuda_names_the_key(data_dir, tmp_path):
+def test_graph_step_true_on_the_cpu_names_the_key(data_dir, tmp_path):
     config, train = config_and_loader(data_dir, "--graph_step=True")
     model = SSD4Rec(config, train._dataset)
     with pytest.raises(SSD4RecError, match="'graph_step'.*a CUDA device"):
         Trainer(config, model, tmp_path / "run")
 
 
-def test_graph_step_auto_is_off_without_cuda(data_dir, tmp_path):
+def test_graph_step_auto_is_off_on_the_cpu(data_dir, tmp_path):
     config, train = config_and_loader(data_dir, "--graph_step=auto")
     trainer = Trainer(config, SSD4Rec(config, train._dataset), tmp_path / "run")
     assert trainer.graph_step is False and trainer.graphed_steps is None

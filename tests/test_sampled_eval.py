@@ -27,7 +27,7 @@ from ssd4rec.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 UNI1000 = "--eval_args={split: {LS: valid_and_test}, order: TO, group_by: user, mode: uni1000}"
 TINY = ["--hidden_size=16", "--d_state=8", "--headdim=8", "--chunk_size=16", "--num_layers=1",
-        "--MAX_ITEM_LIST_LENGTH=10", "--show_progress=False"]
+        "--MAX_ITEM_LIST_LENGTH=10", "--show_progress=False", "--gpu_id="]  # the CPU, also where a GPU is visible
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,10 @@ def test_triton_core_matches_the_float64_loop():
 
 
 def test_importing_the_ops_needs_no_triton():
-    code = ("import sys, ssd4rec.ops.selective_scan, ssd4rec.ops.selective_scan_triton; "
-            "assert 'triton' not in sys.modules, 'triton imported'")
+    # triton made unimportable, as on a machine without it (where triton is installed, other
+    # parts of the package load it when they are imported, so its presence proves nothing)
+    code = ("import sys; sys.modules['triton'] = None; "
+            "import ssd4rec.ops.selective_scan, ssd4rec.ops.selective_scan_triton")
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -21,6 +21,7 @@ from ssd4rec.ops.reference import ssd_recurrence_naive
 from ssd4rec.ops.segment_sum import segment_broadcast, weighted_segment_sum
 from ssd4rec.ops.ssd_at import ssd_scan_at
 from ssd4rec.ops.ssd_scan import ssd_scan_xbc
+from tests.script_support import skip_unless_interpreter_runs_loops
 
 ROOT = Path(__file__).resolve().parents[1]
 # a single token, sequences that cross chunk edges (chunk 8), one much longer than the others
@@ -199,6 +200,7 @@ def test_triton_segment_sum_under_interpreter():
     interpreter) against index_add_, float32 and float64, with and without weights, with an
     empty sequence."""
     pytest.importorskip("triton", reason="triton is not installed (the CPU install has none)")
+    skip_unless_interpreter_runs_loops()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # 52 users with at most 21 interactions each: a few batches of 64 rows.
 TINY = ["--dataset=ml-100k", "--hidden_size=16", "--d_state=8", "--headdim=8", "--chunk_size=16",
         "--num_layers=1", "--train_batch_size=64", "--user_inter_num_interval=\"[5,21]\"",
-        "--show_progress=False", "--epochs=1"]
+        "--show_progress=False", "--epochs=1", "--gpu_id="]  # the CPU, also where a GPU is visible
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
