@@ -193,6 +193,11 @@ def make_recbole_config(model, dataset, values):
     argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole parses sys.argv itself; we already did
     try:
         values = {k: v for k, v in values.items() if k not in ("model", "dataset")}
+        if "gpu_id" in values and values["gpu_id"] is None:
+            # `--gpu_id=` (the CPU) parses to None, which RecBole would write into
+            # CUDA_VISIBLE_DEVICES as 'None' and still pick CUDA where it has already started
+            # in the process; an empty gpu_id is RecBole's own way of saying the CPU.
+            values["gpu_id"] = ""
         return Config(model=model, dataset=dataset, config_dict=values)
     except (ValueError, KeyError, TypeError, NotImplementedError) as err:
         raise SSD4RecError(f"RecBole rejected the configuration: {err}") from None

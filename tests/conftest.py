@@ -6,12 +6,18 @@ import torch
 import ssd4rec  # noqa: F401  (ssd4rec.compat first: RecBole's import-time anomaly mode stays off)
 
 
+# torch reads CUDA_VISIBLE_DEVICES until CUDA starts in the process: start it now, where a GPU
+# is visible, so that the GPUs this process was given stay its GPUs whatever a test's RecBole
+# Config writes into the variable (see restore_cuda_visible_devices).
+if torch.cuda.is_available():
+    torch.cuda.init()
+
+
 @pytest.fixture(autouse=True)
 def restore_cuda_visible_devices():
     """RecBole's Config writes gpu_id into CUDA_VISIBLE_DEVICES of the test process ('' for a
-    CPU run, '0' by default). Until CUDA starts in the process the variable decides which GPUs
-    it sees, so a CPU test run first could hide every GPU from the GPU tests after it: put
-    back what the process was started with."""
+    CPU run, '0' by default), and the subprocesses later tests start inherit it: put back what
+    the process was started with."""
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
     yield
     if before is None:

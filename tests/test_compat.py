@@ -52,6 +52,15 @@ def test_recbole_config_builds_on_this_numpy():
     assert config["model"] == "SASRec"
 
 
+def test_an_empty_gpu_id_is_the_cpu():
+    """`--gpu_id=` parses to None; RecBole must get '' (its CPU), not the string 'None'."""
+    from ssd4rec.config import make_recbole_config, parse_overrides
+
+    config = make_recbole_config("SASRec", "ml-100k", {"train_neg_sample_args": None, "loss_type": "CE",
+                                                       **parse_overrides(["--gpu_id="])})
+    assert config["gpu_id"] == "" and config["device"].type == "cpu"
+
+
 def test_apply_is_idempotent():
     compat.apply()
     compat.apply()

@@ -419,7 +419,8 @@ def test_one_real_tiny_run(tmp_path):
     """ml-100k through ssd4rec.run.run, SASRec at hidden 16, lists of 10, one epoch."""
     script = _script()
     extra = ["--hidden_size=16", "--inner_size=32", "--MAX_ITEM_LIST_LENGTH=10",
-             "--epochs=1", "--train_batch_size=2048", "--checkpoint_dir=" + str(tmp_path / "saved")]
+             "--epochs=1", "--train_batch_size=2048", "--checkpoint_dir=" + str(tmp_path / "saved"),
+             "--gpu_id="]  # the CPU, also where a GPU is visible
     argv = ["--datasets", "ml-100k", "--models", "SASRec", "--seeds", "3", "--threads", "1",
             "--results", str(tmp_path / "results"), "--report", "--extra", *extra]
     threads = torch.get_num_threads()
