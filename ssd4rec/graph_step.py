@@ -51,7 +51,7 @@ MAX_GRAPHS = 64
 # larger ones: on the H100, ML-1M bf16, the memory held grew as captures went on, from 5.7 to
 # 11.5 GiB over 15 buckets. Rounding allocations up to quarters of a power of two lets them
 # share blocks: 6.3 GiB after all 15, the step as fast (19.1 and 19.2 against 19.0 ms).
-# README, session 19.
+# results/MEASUREMENTS.md, session 19.
 ALLOCATOR_SETTINGS = "roundup_power2_divisions:4"
 
 

@@ -109,8 +109,8 @@ def run(argv, root=REPO_ROOT):
 
     config = make_recbole_config(model_class, dataset_name, values)
     distributed.configure(config, world)
-    # TF32 matmuls on Ampere+ GPUs: ~1.4x faster SSD4Rec epochs on an H100 (README),
-    # at TF32's 10-bit mantissa; off by default so that fp32 means fp32.
+    # TF32 matmuls on Ampere+ GPUs: ~1.4x faster SSD4Rec epochs on an H100
+    # (results/MEASUREMENTS.md), at TF32's 10-bit mantissa; off by default so that fp32 means fp32.
     torch.backends.cuda.matmul.allow_tf32 = bool(values.get("tf32"))
     torch.backends.cudnn.allow_tf32 = bool(values.get("tf32"))
     init_seed(config["seed"], config["reproducibility"])

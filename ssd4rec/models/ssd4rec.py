@@ -25,7 +25,8 @@ from ssd4rec.modules.bissd import BiSSDEncoder
 
 MASK_TOKEN = 0
 # compile_glue when the key is absent, as config.yaml: on for CUDA. Its inductor code is checked
-# against eager on the GPU (tests/test_gpu.py); it takes 23% off an H100 bf16 step (README).
+# against eager on the GPU (tests/test_gpu.py); it takes 23% off an H100 bf16 step
+# (results/MEASUREMENTS.md).
 COMPILE_GLUE = "auto"
 # scan_scored_only when the key is absent, as config.yaml: the same function as the full scan
 # (tests/test_bissd.py, tests/test_ssd_at.py), for less work.

@@ -40,8 +40,8 @@ checkpointed windows and of evaluation), dropout on or off, dtype, and T = 1 (dy
 specialises sizes 0 and 1). Compile time, measured on a 2-core CPU at the tests' sizes, cold
 cache: about 10 s for the training step's graphs, 3 s more for evaluation's (inductor's
 on-disk cache makes later processes faster); on the H100 the benchmark's 4 untimed warm-up
-steps absorb it (its step time there: 49.6 ms against 67.2 ms eager, README). Past dynamo's
-recompile limit (8 variants per function) a region runs eagerly, with a warning.
+steps absorb it (its step time there: 49.6 ms against 67.2 ms eager, results/MEASUREMENTS.md).
+Past dynamo's recompile limit (8 variants per function) a region runs eagerly, with a warning.
 
 Dropout in compiled code draws other random numbers than eager (same distribution); with
 dropout off (or in eval) the results equal eager up to rounding. The reentrant checkpoint of

@@ -8,7 +8,7 @@ over a (b, H, nchunks, Q) float32 tensor, 31 MB per layer at the ML-1M step's sh
 16's H100 profile ``torch.cumsum`` alone took 0.7 ms a layer, against about 0.02 ms to move its
 bytes. Here one program reads a tile of chunks of one head once and writes ddA once: 0.049
 against 0.854 ms for the seven operations on the H100 (``scripts/bench_scan_heads.py --passes
-ddA``, README).
+ddA``, results/MEASUREMENTS.md).
 
 For row b, head h, chunk c, positions i and j of the chunk (Q of them):
 

@@ -16,7 +16,7 @@ are ``segment_sum``'s, which add in a fixed order on the GPU.
 
 On the ML-1M training step the full scan of the last layer (forward and backward, both
 directions) took about 5.7 ms on an H100; with this, the step's GPU time fell by 2.9 ms and
-the step from 24.4 to 22.2 ms (README, session 18).
+the step from 24.4 to 22.2 ms (results/MEASUREMENTS.md, session 18).
 
 Shapes: xBC: (R, T, d_inner + 2 g N) after the conv, x | B | C as in ``ssd_scan_xbc``; dt:
 (R, T, H) before bias and softplus; A, dt_bias: (H,); D: (H,) or (H, P); seq_idx: (T,) int,

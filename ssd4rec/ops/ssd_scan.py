@@ -495,9 +495,9 @@ def uses_all_heads_kernels(backend: str, is_cuda: bool, dtype: torch.dtype, ngro
     on to ``ssd_scan``, which explains what is missing), or for "auto" on CUDA wherever they
     apply (one group, D of shape (h,) or none, not float64, ``all_heads_shapes_supported``,
     chunk_size at least 64) and import. They compute what mamba_ssm's do (tested on the GPU),
-    and an ML-1M step is about 0.6x as long with them (README, session 16). ``ssd_scan``'s own
-    "auto" keeps mamba_ssm's kernels: its other callers (LinRec's attention, the lifelong
-    mixer's stateful scan) were not measured."""
+    and an ML-1M step is about 0.6x as long with them (results/MEASUREMENTS.md, session 16).
+    ``ssd_scan``'s own "auto" keeps mamba_ssm's kernels: its other callers (LinRec's
+    attention, the lifelong mixer's stateful scan) were not measured."""
     if not is_cuda or ngroups != 1:
         return False
     if backend == "triton_heads":

@@ -7,7 +7,7 @@ grid, so every program reloads its chunk's (q, q) C·Bᵀ block, which is the sa
 after it has left the L2 cache. The kernel here loads each chunk's C·Bᵀ rows and C once and
 loops over the heads. On one H100, bf16, at the ML-1M step's shape (245,760 tokens, mean
 history 120), it takes 1.04 ms against mamba_ssm's 1.96 ms at chunk 128 and 2.05 against
-2.48 ms at chunk 256 (``scripts/bench_scan_heads.py``, README).
+2.48 ms at chunk 256 (``scripts/bench_scan_heads.py``, results/MEASUREMENTS.md).
 
 The backward's largest kernel, mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` (dx, ddt, dD),
 reloaded C·Bᵀ per head in the same way, and three more of its kernels read the same tiles:
